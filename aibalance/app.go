@@ -1,0 +1,165 @@
+// Package aibalance is the aibalance Caddy app: the process-wide state of
+// every upstream (in flight requests and tokens, counters, the learned latency
+// model), kept across config reloads, and the reading of LLM request features
+// that the selection policies and the transport share.
+package aibalance
+
+import (
+	"fmt"
+	"net/http"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(new(App))
+}
+
+// App is the aibalance app: process-wide settings of the AI load balancer and
+// the owner of the shared per-upstream store. Modules reach it with
+// ctx.App("aibalance"); it is created with defaults when no config names it.
+type App struct {
+	// PeekBytes is the most bytes of a request body read to learn the
+	// request's model, size and options. The rest of a longer body is
+	// estimated from Content-Length. Default: 65536.
+	PeekBytes int64 `json:"peek_bytes,omitempty"`
+
+	// DefaultOutputTokens is the output a request is expected to produce
+	// when it sets neither max_tokens nor max_completion_tokens. Default: 256.
+	DefaultOutputTokens int `json:"default_output_tokens,omitempty"`
+
+	// CharsPerToken converts prompt characters to estimated tokens.
+	// Default: 4.
+	CharsPerToken int `json:"chars_per_token,omitempty"`
+
+	// PrefixBlockChars is the size, in bytes of prompt text, of the blocks
+	// whose chain hashes identify a prompt's prefix. Default: 64.
+	PrefixBlockChars int `json:"prefix_block_chars,omitempty"`
+
+	// ModelMemory is how many recent observations per backend the latency
+	// model mostly remembers: its forgetting factor is 1 - 1/memory. Smaller
+	// adapts faster to a backend whose speed changes; larger is steadier.
+	// Default: 256.
+	ModelMemory int `json:"model_memory,omitempty"`
+
+	features FeatureConfig
+	lambda   float64
+	logger   *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (*App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "aibalance",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// Provision sets defaults.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	d := DefaultFeatureConfig
+	if a.PeekBytes == 0 {
+		a.PeekBytes = d.PeekBytes
+	}
+	if a.DefaultOutputTokens == 0 {
+		a.DefaultOutputTokens = d.DefaultOutputTokens
+	}
+	if a.CharsPerToken == 0 {
+		a.CharsPerToken = d.CharsPerToken
+	}
+	if a.PrefixBlockChars == 0 {
+		a.PrefixBlockChars = d.PrefixBlockChars
+	}
+	if a.ModelMemory == 0 {
+		a.ModelMemory = 256
+	}
+	a.features = FeatureConfig{
+		PeekBytes:           a.PeekBytes,
+		DefaultOutputTokens: a.DefaultOutputTokens,
+		CharsPerToken:       a.CharsPerToken,
+		PrefixBlockChars:    a.PrefixBlockChars,
+	}
+	a.lambda = 1 - 1/float64(a.ModelMemory)
+	return nil
+}
+
+// Validate checks the settings.
+func (a *App) Validate() error {
+	switch {
+	case a.PeekBytes < 0:
+		return fmt.Errorf("peek_bytes must not be negative, got %d", a.PeekBytes)
+	case a.DefaultOutputTokens < 0:
+		return fmt.Errorf("default_output_tokens must not be negative, got %d", a.DefaultOutputTokens)
+	case a.CharsPerToken < 1:
+		return fmt.Errorf("chars_per_token must be at least 1, got %d", a.CharsPerToken)
+	case a.PrefixBlockChars < 1:
+		return fmt.Errorf("prefix_block_chars must be at least 1, got %d", a.PrefixBlockChars)
+	case a.ModelMemory < 2:
+		return fmt.Errorf("model_memory must be at least 2, got %d", a.ModelMemory)
+	}
+	return nil
+}
+
+// Start starts the app. The store needs no goroutine of its own.
+func (a *App) Start() error {
+	a.logger.Debug("aibalance started", zap.Int("backends", len(AllBackends())))
+	return nil
+}
+
+// Stop stops the app.
+func (a *App) Stop() error { return nil }
+
+// Cleanup runs when the app's config is unloaded. Backend entries are
+// released by the modules that took them, not here.
+func (a *App) Cleanup() error { return nil }
+
+// Features returns r's request features, read once per request.
+func (a *App) Features(r *http.Request) *Features { return RequestFeatures(r, a.features) }
+
+// FeatureConfig is the app's feature extraction settings.
+func (a *App) FeatureConfig() FeatureConfig { return a.features }
+
+// Lambda is the latency model's forgetting factor.
+func (a *App) Lambda() float64 { return a.lambda }
+
+// Prior is the process-wide prior of the latency model.
+func (a *App) Prior() *Prior { return &prior }
+
+// Load returns the aibalance app of ctx's config, creating it with defaults
+// if the config does not name it.
+func Load(ctx caddy.Context) (*App, error) {
+	v, err := ctx.App("aibalance")
+	if err != nil {
+		return nil, fmt.Errorf("loading aibalance app: %w", err)
+	}
+	return v.(*App), nil
+}
+
+// HandlerUpstreams returns the dial addresses of the static upstreams of the
+// reverse_proxy handler that is provisioning the current module, so a
+// policy or transport can take its references at Provision, before the old
+// config is cleaned up on a reload. It returns nil outside a reverse_proxy.
+func HandlerUpstreams(ctx caddy.Context) []string {
+	mods := ctx.Modules()
+	for i := len(mods) - 1; i >= 0; i-- {
+		if h, ok := mods[i].(*reverseproxy.Handler); ok {
+			addrs := make([]string, 0, len(h.Upstreams))
+			for _, u := range h.Upstreams {
+				addrs = append(addrs, u.Dial)
+			}
+			return addrs
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.Validator    = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+)

@@ -1,0 +1,185 @@
+package aibalance
+
+import (
+	"sync/atomic"
+	"time"
+)
+
+// Backend is the shared state of one upstream, keyed by its dial address.
+// One exists per address per process, shared by every handler and config
+// that uses the address, and it survives config reloads (see Store). All of
+// its fields are updated with atomics or the model's own lock: no lock is
+// shared between backends.
+type Backend struct {
+	addr    string
+	created time.Time
+
+	inflight       atomic.Int64
+	inflightTokens atomic.Int64
+
+	requests     atomic.Uint64 // attempts finished, any outcome
+	status2xx    atomic.Uint64
+	status4xx    atomic.Uint64
+	status5xx    atomic.Uint64
+	status429    atomic.Uint64
+	dialErrors   atomic.Uint64
+	timeouts     atomic.Uint64
+	otherErrors  atomic.Uint64
+	streamErrors atomic.Uint64 // body cut before its end
+	promptTokens atomic.Uint64
+	outputTokens atomic.Uint64
+	retryAfter   atomic.Int64 // unix ns until which the backend asked not to be sent more (429/503 Retry-After)
+
+	model Model
+}
+
+func newBackend(addr string, now time.Time) *Backend {
+	return &Backend{addr: addr, created: now}
+}
+
+// Addr is the dial address the backend is keyed by.
+func (b *Backend) Addr() string { return b.addr }
+
+// Model is the backend's learned latency model.
+func (b *Backend) Model() *Model { return &b.model }
+
+// Inflight returns the requests and estimated tokens in flight.
+func (b *Backend) Inflight() (requests, tokens int64) {
+	return b.inflight.Load(), b.inflightTokens.Load()
+}
+
+// State is the backend's load as a model input.
+func (b *Backend) State() LoadState {
+	return LoadState{Inflight: float64(b.inflight.Load()), InflightTokens: float64(b.inflightTokens.Load())}
+}
+
+// Destruct implements caddy.Destructor; a backend holds no resources.
+func (b *Backend) Destruct() error { return nil }
+
+// Attempt is one request in flight to a backend, from Begin to End.
+type Attempt struct {
+	b         *Backend
+	state     LoadState
+	tokens    int64
+	prompt    int
+	predicted time.Duration
+	start     time.Time
+}
+
+// Begin records a request sent to the backend: it is counted in flight (with
+// its estimated tokens) until End.
+func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
+	s := b.State()
+	p := b.model.Predict(s, f.PromptTokens, f.OutputTokens, prior, now)
+	tokens := int64(f.Tokens())
+	b.inflight.Add(1)
+	b.inflightTokens.Add(tokens)
+	return Attempt{b: b, state: s, tokens: tokens, prompt: f.PromptTokens, predicted: p.E2E, start: now}
+}
+
+// Start is when the attempt began.
+func (a *Attempt) Start() time.Time { return a.start }
+
+// Outcome is how an attempt ended.
+type Outcome struct {
+	Status       int           // HTTP status, 0 when no response came
+	DialError    bool          // the connection could not be made
+	Timeout      bool          // a timeout, at any stage
+	StreamError  bool          // the response body ended with an error
+	RetryAfter   time.Duration // from a 429/503 response's Retry-After
+	TTFT         time.Duration // to first token / first body byte; 0 if none
+	E2E          time.Duration // to the end of the body
+	OutputTokens int
+}
+
+// End records the outcome of the attempt and trains the model on it when it
+// is a clean success. It must be called exactly once per Begin.
+func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
+	b := a.b
+	b.inflight.Add(-1)
+	b.inflightTokens.Add(-a.tokens)
+	b.requests.Add(1)
+	switch {
+	case o.DialError:
+		b.dialErrors.Add(1)
+	case o.Timeout:
+		b.timeouts.Add(1)
+	case o.Status == 0:
+		b.otherErrors.Add(1)
+	case o.Status == 429:
+		b.status429.Add(1)
+		b.status4xx.Add(1)
+	case o.Status >= 500:
+		b.status5xx.Add(1)
+	case o.Status >= 400:
+		b.status4xx.Add(1)
+	case o.Status >= 200 && o.Status < 300:
+		b.status2xx.Add(1)
+	}
+	if o.StreamError {
+		b.streamErrors.Add(1)
+	}
+	if o.RetryAfter > 0 {
+		b.retryAfter.Store(now.Add(o.RetryAfter).UnixNano())
+	}
+	if o.Status >= 200 && o.Status < 300 {
+		b.promptTokens.Add(uint64(max(a.prompt, 0)))
+		b.outputTokens.Add(uint64(max(o.OutputTokens, 0)))
+		if !o.StreamError && o.TTFT > 0 {
+			b.model.Observe(Observation{
+				State:        a.state,
+				PromptTokens: a.prompt,
+				OutputTokens: o.OutputTokens,
+				TTFT:         o.TTFT,
+				E2E:          o.E2E,
+				Predicted:    a.predicted,
+			}, lambda, prior, now)
+		}
+	}
+}
+
+// BackendStats is a snapshot of a backend's counters, for the admin API,
+// metrics, the demo and tests.
+type BackendStats struct {
+	Address        string     `json:"address"`
+	Inflight       int64      `json:"inflight"`
+	InflightTokens int64      `json:"inflight_tokens"`
+	Requests       uint64     `json:"requests"`
+	Status2xx      uint64     `json:"status_2xx"`
+	Status4xx      uint64     `json:"status_4xx"`
+	Status5xx      uint64     `json:"status_5xx"`
+	Status429      uint64     `json:"status_429"`
+	DialErrors     uint64     `json:"dial_errors"`
+	Timeouts       uint64     `json:"timeouts"`
+	OtherErrors    uint64     `json:"other_errors"`
+	StreamErrors   uint64     `json:"stream_errors"`
+	PromptTokens   uint64     `json:"prompt_tokens"`
+	OutputTokens   uint64     `json:"output_tokens"`
+	RetryAfter     time.Time  `json:"retry_after,omitzero"`
+	Model          ModelStats `json:"model"`
+}
+
+// Stats returns a snapshot of the backend's counters.
+func (b *Backend) Stats() BackendStats {
+	s := BackendStats{
+		Address:        b.addr,
+		Inflight:       b.inflight.Load(),
+		InflightTokens: b.inflightTokens.Load(),
+		Requests:       b.requests.Load(),
+		Status2xx:      b.status2xx.Load(),
+		Status4xx:      b.status4xx.Load(),
+		Status5xx:      b.status5xx.Load(),
+		Status429:      b.status429.Load(),
+		DialErrors:     b.dialErrors.Load(),
+		Timeouts:       b.timeouts.Load(),
+		OtherErrors:    b.otherErrors.Load(),
+		StreamErrors:   b.streamErrors.Load(),
+		PromptTokens:   b.promptTokens.Load(),
+		OutputTokens:   b.outputTokens.Load(),
+		Model:          b.model.Stats(),
+	}
+	if ra := b.retryAfter.Load(); ra > 0 {
+		s.RetryAfter = time.Unix(0, ra)
+	}
+	return s
+}

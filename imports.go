@@ -1,0 +1,7 @@
+// Package caddyaibalance blank-imports every Caddy module of the plugin, so that
+// `xcaddy build --with github.com/aibalance/caddy-aibalance` gets them all.
+package caddyaibalance
+
+import (
+	_ "github.com/aibalance/caddy-aibalance/aibalance"
+)
