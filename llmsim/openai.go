@@ -1,0 +1,329 @@
+package llmsim
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// maxBodyBytes bounds a request body; larger ones get a 413.
+const maxBodyBytes = 32 << 20
+
+type chatRequest struct {
+	Model    string `json:"model"`
+	Messages []struct {
+		Role    string          `json:"role"`
+		Content json.RawMessage `json:"content"`
+	} `json:"messages"`
+	Prompt              json.RawMessage `json:"prompt"`
+	MaxTokens           *int            `json:"max_tokens"`
+	MaxCompletionTokens *int            `json:"max_completion_tokens"`
+	Stream              bool            `json:"stream"`
+	StreamOptions       *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+}
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, true) })
+	mux.HandleFunc("POST /v1/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, false) })
+	mux.HandleFunc("GET /v1/models", s.models)
+	mux.HandleFunc("GET /health", s.health)
+	mux.Handle("GET /metrics", s.metrics.handler())
+	return mux
+}
+
+// openAIError writes an error in the OpenAI API's shape.
+func openAIError(w http.ResponseWriter, status int, typ, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]any{
+		"error": map[string]any{"message": msg, "type": typ, "param": nil, "code": status},
+	})
+}
+
+func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
+	if s.startingUp() {
+		http.Error(w, "starting up", http.StatusServiceUnavailable)
+		return
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
+	cfg := s.config()
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(map[string]any{
+		"object": "list",
+		"data": []map[string]any{{
+			"id": cfg.Model, "object": "model", "created": s.started.Unix(),
+			"owned_by": "llmsim", "root": cfg.Model, "max_model_len": cfg.MaxModelLen,
+		}},
+	})
+}
+
+// promptText flattens the prompt: chat messages as "role\x00content\x01"
+// (the same framing the balancer hashes), a completion prompt as its text.
+func promptText(req *chatRequest, chat bool) (string, error) {
+	var b strings.Builder
+	if chat {
+		if len(req.Messages) == 0 {
+			return "", fmt.Errorf("'messages' is required and must not be empty")
+		}
+		for _, m := range req.Messages {
+			b.WriteString(m.Role)
+			b.WriteByte(0)
+			var str string
+			var parts []struct {
+				Type string `json:"type"`
+				Text string `json:"text"`
+			}
+			switch {
+			case len(m.Content) == 0 || string(m.Content) == "null":
+			case json.Unmarshal(m.Content, &str) == nil:
+				b.WriteString(str)
+			case json.Unmarshal(m.Content, &parts) == nil:
+				for _, p := range parts {
+					b.WriteString(p.Text)
+				}
+			default:
+				return "", fmt.Errorf("message content must be a string or an array of content parts")
+			}
+			b.WriteByte(1)
+		}
+		return b.String(), nil
+	}
+	var str string
+	var strs []string
+	switch {
+	case len(req.Prompt) == 0:
+		return "", fmt.Errorf("'prompt' is required")
+	case json.Unmarshal(req.Prompt, &str) == nil:
+		return str, nil
+	case json.Unmarshal(req.Prompt, &strs) == nil:
+		return strings.Join(strs, ""), nil
+	}
+	return "", fmt.Errorf("'prompt' must be a string or an array of strings")
+}
+
+func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
+	s.stats.requests.Add(1)
+	cfg := s.config()
+	if s.startingUp() {
+		openAIError(w, http.StatusServiceUnavailable, "service_unavailable", "the engine is starting up")
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
+	var req chatRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		s.stats.badRequests.Add(1)
+		status := http.StatusBadRequest
+		if _, ok := err.(*http.MaxBytesError); ok {
+			status = http.StatusRequestEntityTooLarge
+		}
+		openAIError(w, status, "invalid_request_error", "invalid JSON body: "+err.Error())
+		return
+	}
+	if req.Model != "" && req.Model != cfg.Model {
+		s.stats.badRequests.Add(1)
+		openAIError(w, http.StatusNotFound, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model))
+		return
+	}
+	text, err := promptText(&req, chat)
+	if err != nil {
+		s.stats.badRequests.Add(1)
+		openAIError(w, http.StatusBadRequest, "invalid_request_error", err.Error())
+		return
+	}
+	maxTokens := cfg.DefaultMaxTok
+	if req.MaxCompletionTokens != nil {
+		maxTokens = *req.MaxCompletionTokens
+	} else if req.MaxTokens != nil {
+		maxTokens = *req.MaxTokens
+	}
+	promptTokens := max((len(text)+cfg.CharsPerToken-1)/cfg.CharsPerToken, 1)
+	if maxTokens < 1 {
+		s.stats.badRequests.Add(1)
+		openAIError(w, http.StatusBadRequest, "invalid_request_error", "max_tokens must be at least 1")
+		return
+	}
+	if promptTokens+maxTokens > cfg.MaxModelLen {
+		s.stats.badRequests.Add(1)
+		openAIError(w, http.StatusBadRequest, "invalid_request_error", fmt.Sprintf(
+			"This model's maximum context length is %d tokens. However, you requested %d tokens (%d in the messages, %d in the completion).",
+			cfg.MaxModelLen, promptTokens+maxTokens, promptTokens, maxTokens))
+		return
+	}
+
+	f := cfg.Faults
+	if f.RejectAboveQueue > 0 {
+		if _, waiting, _ := s.eng.counts(); waiting >= f.RejectAboveQueue {
+			s.stats.rejected.Add(1)
+			w.Header().Set("Retry-After", strconv.Itoa(max(int(f.RetryAfter.Round(time.Second)/time.Second), 1)))
+			openAIError(w, http.StatusTooManyRequests, "rate_limit_error", "the engine's queue is full")
+			return
+		}
+	}
+	if s.chance(f.ErrorRate) {
+		s.stats.errors.Add(1)
+		openAIError(w, http.StatusInternalServerError, "internal_error", "injected fault")
+		return
+	}
+	if s.chance(f.HangRate) {
+		s.stats.hung.Add(1)
+		<-r.Context().Done()
+		return
+	}
+	cut := -1
+	if req.Stream && s.chance(f.CutRate) {
+		cut = max(maxTokens/2, 1)
+	}
+
+	q := &seq{
+		prompt:    promptTokens,
+		maxTokens: maxTokens,
+		tokens:    make(chan struct{}, maxTokens),
+		blocks:    blockHashes(text, cfg.BlockTokens*cfg.CharsPerToken),
+	}
+	arrived := time.Now()
+	s.eng.submit(q)
+	out := responder{w: w, chat: chat, model: cfg.Model, id: fmt.Sprintf("cmpl-%d", arrived.UnixNano()), created: arrived.Unix()}
+	includeUsage := req.StreamOptions != nil && req.StreamOptions.IncludeUsage
+	if req.Stream {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Header().Set("Cache-Control", "no-cache")
+		w.WriteHeader(http.StatusOK)
+		out.chunk(`{"role":"assistant","content":""}`, "", nil)
+	}
+	var first time.Time
+	n := 0
+	for {
+		select {
+		case _, ok := <-q.tokens:
+			if !ok {
+				if n < maxTokens { // the engine stopped under us
+					panic(http.ErrAbortHandler)
+				}
+				s.finish(q, arrived, first, n)
+				out.end(req.Stream, includeUsage, promptTokens, n)
+				return
+			}
+			if n == 0 {
+				first = time.Now()
+			}
+			n++
+			s.stats.outputTokens.Add(1)
+			if req.Stream {
+				out.token(n)
+				if n == cut {
+					s.stats.cut.Add(1)
+					s.eng.abort(q)
+					panic(http.ErrAbortHandler) // drop the connection mid-stream
+				}
+			}
+		case <-r.Context().Done():
+			s.eng.abort(q)
+			return
+		}
+	}
+}
+
+func (s *Server) finish(q *seq, arrived, first time.Time, n int) {
+	s.stats.completed.Add(1)
+	s.metrics.observe(first.Sub(arrived), time.Since(arrived), q.prompt, n)
+}
+
+// responder writes OpenAI responses: SSE chunks or one JSON object.
+type responder struct {
+	w       http.ResponseWriter
+	chat    bool
+	model   string
+	id      string
+	created int64
+}
+
+// word is the text of the n-th generated token: about 4 characters.
+func word(n int) string { return " w" + strconv.Itoa(n%100) }
+
+func (o *responder) chunk(delta string, finish string, usage *[2]int) {
+	fin := "null"
+	if finish != "" {
+		fin = `"` + finish + `"`
+	}
+	var payload string
+	if o.chat {
+		choices := "[]"
+		if delta != "" {
+			choices = `[{"index":0,"delta":` + delta + `,"logprobs":null,"finish_reason":` + fin + `}]`
+		}
+		payload = `{"id":"` + o.id + `","object":"chat.completion.chunk","created":` + strconv.FormatInt(o.created, 10) +
+			`,"model":"` + o.model + `","choices":` + choices
+	} else {
+		choices := "[]"
+		if delta != "" {
+			choices = `[{"index":0,"text":` + delta + `,"logprobs":null,"finish_reason":` + fin + `}]`
+		}
+		payload = `{"id":"` + o.id + `","object":"text_completion","created":` + strconv.FormatInt(o.created, 10) +
+			`,"model":"` + o.model + `","choices":` + choices
+	}
+	if usage != nil {
+		payload += `,"usage":{"prompt_tokens":` + strconv.Itoa(usage[0]) + `,"completion_tokens":` + strconv.Itoa(usage[1]) +
+			`,"total_tokens":` + strconv.Itoa(usage[0]+usage[1]) + `}`
+	}
+	payload += "}"
+	_, _ = fmt.Fprintf(o.w, "data: %s\n\n", payload)
+	if f, ok := o.w.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (o *responder) token(n int) {
+	if o.chat {
+		o.chunk(`{"content":"`+word(n)+`"}`, "", nil)
+		return
+	}
+	o.chunk(`"`+word(n)+`"`, "", nil)
+}
+
+func (o *responder) end(stream, includeUsage bool, prompt, n int) {
+	if stream {
+		if o.chat {
+			o.chunk(`{}`, "length", nil)
+		} else {
+			o.chunk(`""`, "length", nil)
+		}
+		if includeUsage {
+			o.chunk("", "", &[2]int{prompt, n})
+		}
+		_, _ = fmt.Fprint(o.w, "data: [DONE]\n\n")
+		if f, ok := o.w.(http.Flusher); ok {
+			f.Flush()
+		}
+		return
+	}
+	var text strings.Builder
+	for i := 1; i <= n; i++ {
+		text.WriteString(word(i))
+	}
+	usage := map[string]int{"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+	var body map[string]any
+	if o.chat {
+		body = map[string]any{
+			"id": o.id, "object": "chat.completion", "created": o.created, "model": o.model,
+			"choices": []map[string]any{{"index": 0, "message": map[string]any{"role": "assistant", "content": text.String()}, "finish_reason": "length"}},
+			"usage":   usage,
+		}
+	} else {
+		body = map[string]any{
+			"id": o.id, "object": "text_completion", "created": o.created, "model": o.model,
+			"choices": []map[string]any{{"index": 0, "text": text.String(), "finish_reason": "length"}},
+			"usage":   usage,
+		}
+	}
+	o.w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(o.w).Encode(body)
+}

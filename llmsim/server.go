@@ -1,0 +1,337 @@
+package llmsim
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Config shapes one simulated engine. Zero fields take the defaults of
+// DefaultConfig; durations are for Speed 1.
+type Config struct {
+	Model       string // served model name; default "sim-llama-8b"
+	MaxModelLen int    // context window in tokens; default 8192
+
+	Speed           float64       // speed multiplier: 0.5 is half as fast; default 1
+	MaxRunning      int           // batch slots (vLLM max_num_seqs); default 16
+	DecodeBase      time.Duration // decode step time with an empty batch; default 8ms
+	DecodePerSeq    time.Duration // extra step time per running sequence; default 500µs
+	PrefillPerToken time.Duration // prefill time per uncached prompt token; default 40µs
+	PrefillChunk    int           // most prefill tokens per step (chunked prefill); default 2048
+	BlockTokens     int           // prefix cache block size in tokens; default 16
+	CacheBlocks     int           // prefix cache capacity in blocks; default 4096
+	CharsPerToken   int           // default 4
+	DefaultMaxTok   int           // output when a request sets no max_tokens; default 128
+
+	Faults Faults
+}
+
+// Faults are injected failures; all off by default.
+type Faults struct {
+	ErrorRate        float64       // share of requests answered 500
+	RejectAboveQueue int           // answer 429 when this many are waiting (0: never)
+	RetryAfter       time.Duration // Retry-After on 429s; default 1s
+	HangRate         float64       // share of requests that never get an answer
+	CutRate          float64       // share of streams cut off half-way
+	StartupDelay     time.Duration // /health and requests answer 503 this long after Start
+}
+
+// DefaultConfig is a mid-sized model on one GPU, scaled to run fast.
+var DefaultConfig = Config{
+	Model:           "sim-llama-8b",
+	MaxModelLen:     8192,
+	Speed:           1,
+	MaxRunning:      16,
+	DecodeBase:      8 * time.Millisecond,
+	DecodePerSeq:    500 * time.Microsecond,
+	PrefillPerToken: 40 * time.Microsecond,
+	PrefillChunk:    2048,
+	BlockTokens:     16,
+	CacheBlocks:     4096,
+	CharsPerToken:   4,
+	DefaultMaxTok:   128,
+}
+
+func (c Config) withDefaults() Config {
+	d := DefaultConfig
+	if c.Model == "" {
+		c.Model = d.Model
+	}
+	if c.MaxModelLen == 0 {
+		c.MaxModelLen = d.MaxModelLen
+	}
+	if c.Speed == 0 {
+		c.Speed = d.Speed
+	}
+	if c.MaxRunning == 0 {
+		c.MaxRunning = d.MaxRunning
+	}
+	if c.DecodeBase == 0 {
+		c.DecodeBase = d.DecodeBase
+	}
+	if c.DecodePerSeq == 0 {
+		c.DecodePerSeq = d.DecodePerSeq
+	}
+	if c.PrefillPerToken == 0 {
+		c.PrefillPerToken = d.PrefillPerToken
+	}
+	if c.PrefillChunk == 0 {
+		c.PrefillChunk = d.PrefillChunk
+	}
+	if c.BlockTokens == 0 {
+		c.BlockTokens = d.BlockTokens
+	}
+	if c.CacheBlocks == 0 {
+		c.CacheBlocks = d.CacheBlocks
+	}
+	if c.CharsPerToken == 0 {
+		c.CharsPerToken = d.CharsPerToken
+	}
+	if c.DefaultMaxTok == 0 {
+		c.DefaultMaxTok = d.DefaultMaxTok
+	}
+	if c.Faults.RetryAfter == 0 {
+		c.Faults.RetryAfter = time.Second
+	}
+	return c
+}
+
+// Capacity estimates the requests per second the engine sustains with a
+// full batch, for requests of the given mean prompt and output tokens and
+// no prefix cache hits. Benchmarks use it to set a load as a fraction of
+// what a pool can serve.
+func (c Config) Capacity(promptTokens, outputTokens float64) float64 {
+	c = c.withDefaults()
+	b := float64(c.MaxRunning)
+	// per step: base + per-sequence decode + the prefill of the requests
+	// that replace finished ones (B/O requests per step, P tokens each)
+	step := c.DecodeBase.Seconds() + c.DecodePerSeq.Seconds()*b + c.PrefillPerToken.Seconds()*promptTokens*b/outputTokens
+	step /= c.Speed
+	return b / (step * outputTokens)
+}
+
+// Stats are counters a test can read.
+type Stats struct {
+	Requests     int64 // requests received on the completion endpoints
+	Completed    int64 // answered in full
+	Errors       int64 // answered 500 by fault injection
+	Rejected     int64 // answered 429
+	BadRequests  int64 // answered 4xx for bad input
+	Cut          int64 // streams cut off
+	Hung         int64 // requests left hanging
+	PromptTokens int64 // prompt tokens of admitted requests
+	CachedTokens int64 // of which found in the prefix cache
+	OutputTokens int64 // tokens generated
+	Running      int   // sequences in the batch now
+	Waiting      int   // sequences queued now
+}
+
+type counters struct {
+	requests, completed, errors, rejected, badRequests, cut, hung atomic.Int64
+	queryTokens, cachedTokens, outputTokens                       atomic.Int64
+}
+
+// Server is one simulated engine on a loopback port.
+type Server struct {
+	mu      sync.Mutex
+	cfg     Config
+	addr    string
+	ln      net.Listener
+	srv     *http.Server
+	done    chan struct{}
+	started time.Time
+	eng     *engine
+	stats   counters
+	metrics *metrics
+	rng     *rand.Rand
+	rngMu   sync.Mutex
+}
+
+// New returns a server with cfg that is not listening yet.
+func New(cfg Config) *Server {
+	s := &Server{cfg: cfg.withDefaults(), rng: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))}
+	s.eng = newEngine(s)
+	s.metrics = newMetrics(s)
+	return s
+}
+
+// Start listens on addr ("127.0.0.1:0" for any free port) and serves.
+func Start(cfg Config, addr string) (*Server, error) {
+	s := New(cfg)
+	if err := s.Listen(addr); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Listen starts serving on addr. A stopped server may listen again (on its
+// old address when addr is empty), to model a backend coming back.
+func (s *Server) Listen(addr string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln != nil {
+		return errors.New("llmsim: already listening")
+	}
+	if addr == "" {
+		addr = s.addr
+	}
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("llmsim: listen: %w", err)
+	}
+	s.ln = ln
+	s.addr = ln.Addr().String()
+	s.started = time.Now()
+	s.done = make(chan struct{})
+	s.srv = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
+	go s.eng.run(s.done)
+	go func(srv *http.Server) { _ = srv.Serve(ln) }(s.srv)
+	return nil
+}
+
+// Stop closes the listener and every connection: afterwards connections are
+// refused, as from a crashed or stopped engine.
+func (s *Server) Stop() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln == nil {
+		return
+	}
+	close(s.done)
+	_ = s.srv.Close()
+	s.ln = nil
+	// requests still in the engine end with it
+	s.eng.mu.Lock()
+	for _, q := range s.eng.running {
+		q.aborted = true
+	}
+	for _, q := range s.eng.waiting {
+		q.aborted = true
+	}
+	s.eng.dropAborted()
+	s.eng.mu.Unlock()
+}
+
+// Addr is host:port of the server (also after Stop).
+func (s *Server) Addr() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addr
+}
+
+// URL is the server's base URL.
+func (s *Server) URL() string { return "http://" + s.Addr() }
+
+// Config returns the server's current configuration.
+func (s *Server) Config() Config { return s.config() }
+
+func (s *Server) config() Config {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cfg
+}
+
+// SetSpeed changes the speed multiplier at run time.
+func (s *Server) SetSpeed(speed float64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if speed > 0 {
+		s.cfg.Speed = speed
+	}
+}
+
+// SetFaults changes the injected faults at run time.
+func (s *Server) SetFaults(f Faults) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if f.RetryAfter == 0 {
+		f.RetryAfter = time.Second
+	}
+	s.cfg.Faults = f
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() Stats {
+	running, waiting, _ := s.eng.counts()
+	return Stats{
+		Requests:     s.stats.requests.Load(),
+		Completed:    s.stats.completed.Load(),
+		Errors:       s.stats.errors.Load(),
+		Rejected:     s.stats.rejected.Load(),
+		BadRequests:  s.stats.badRequests.Load(),
+		Cut:          s.stats.cut.Load(),
+		Hung:         s.stats.hung.Load(),
+		PromptTokens: s.stats.queryTokens.Load(),
+		CachedTokens: s.stats.cachedTokens.Load(),
+		OutputTokens: s.stats.outputTokens.Load(),
+		Running:      running,
+		Waiting:      waiting,
+	}
+}
+
+func (s *Server) chance(p float64) bool {
+	if p <= 0 {
+		return false
+	}
+	s.rngMu.Lock()
+	defer s.rngMu.Unlock()
+	return s.rng.Float64() < p
+}
+
+func (s *Server) startingUp() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return time.Since(s.started) < s.cfg.Faults.StartupDelay
+}
+
+// Pool is a set of servers.
+type Pool struct {
+	Servers []*Server
+}
+
+// StartPool starts one server per config on free loopback ports.
+func StartPool(cfgs ...Config) (*Pool, error) {
+	p := &Pool{}
+	for _, c := range cfgs {
+		s, err := Start(c, "127.0.0.1:0")
+		if err != nil {
+			p.Close()
+			return nil, err
+		}
+		p.Servers = append(p.Servers, s)
+	}
+	return p, nil
+}
+
+// Speeds returns configs with the default engine at the given speeds.
+func Speeds(speeds ...float64) []Config {
+	out := make([]Config, len(speeds))
+	for i, sp := range speeds {
+		out[i] = Config{Speed: sp}
+	}
+	return out
+}
+
+// Addrs returns the servers' host:port addresses.
+func (p *Pool) Addrs() []string {
+	out := make([]string, len(p.Servers))
+	for i, s := range p.Servers {
+		out[i] = s.Addr()
+	}
+	return out
+}
+
+// Close stops every server.
+func (p *Pool) Close() {
+	for _, s := range p.Servers {
+		s.Stop()
+	}
+}
