@@ -4,4 +4,5 @@ package caddyaibalance
 
 import (
 	_ "github.com/aibalance/caddy-aibalance/aibalance"
+	_ "github.com/aibalance/caddy-aibalance/selection"
 )

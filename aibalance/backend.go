@@ -25,6 +25,7 @@ type Backend struct {
 	dialErrors   atomic.Uint64
 	timeouts     atomic.Uint64
 	otherErrors  atomic.Uint64
+	canceled     atomic.Uint64
 	streamErrors atomic.Uint64 // body cut before its end
 	promptTokens atomic.Uint64
 	outputTokens atomic.Uint64
@@ -86,6 +87,7 @@ type Outcome struct {
 	DialError    bool          // the connection could not be made
 	Timeout      bool          // a timeout, at any stage
 	StreamError  bool          // the response body ended with an error
+	Canceled     bool          // the client or Caddy stopped the attempt, not the backend
 	RetryAfter   time.Duration // from a 429/503 response's Retry-After
 	TTFT         time.Duration // to first token / first body byte; 0 if none
 	E2E          time.Duration // to the end of the body
@@ -104,6 +106,8 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 		b.dialErrors.Add(1)
 	case o.Timeout:
 		b.timeouts.Add(1)
+	case o.Canceled && o.Status == 0:
+		b.canceled.Add(1)
 	case o.Status == 0:
 		b.otherErrors.Add(1)
 	case o.Status == 429:
@@ -125,7 +129,7 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 	if o.Status >= 200 && o.Status < 300 {
 		b.promptTokens.Add(uint64(max(a.prompt, 0)))
 		b.outputTokens.Add(uint64(max(o.OutputTokens, 0)))
-		if !o.StreamError && o.TTFT > 0 {
+		if !o.StreamError && !o.Canceled && o.TTFT > 0 {
 			b.model.Observe(Observation{
 				State:        a.state,
 				PromptTokens: a.prompt,
@@ -152,6 +156,7 @@ type BackendStats struct {
 	DialErrors     uint64     `json:"dial_errors"`
 	Timeouts       uint64     `json:"timeouts"`
 	OtherErrors    uint64     `json:"other_errors"`
+	Canceled       uint64     `json:"canceled"`
 	StreamErrors   uint64     `json:"stream_errors"`
 	PromptTokens   uint64     `json:"prompt_tokens"`
 	OutputTokens   uint64     `json:"output_tokens"`
@@ -173,6 +178,7 @@ func (b *Backend) Stats() BackendStats {
 		DialErrors:     b.dialErrors.Load(),
 		Timeouts:       b.timeouts.Load(),
 		OtherErrors:    b.otherErrors.Load(),
+		Canceled:       b.canceled.Load(),
 		StreamErrors:   b.streamErrors.Load(),
 		PromptTokens:   b.promptTokens.Load(),
 		OutputTokens:   b.outputTokens.Load(),

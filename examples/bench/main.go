@@ -1,0 +1,238 @@
+// Command bench measures routing quality: it runs the same open-loop
+// workload of OpenAI streaming requests through a real Caddy with each
+// selection policy in turn, in front of a fresh simulated heterogeneous pool
+// each time, and prints a markdown table. With -overhead it instead compares
+// the proxy throughput of `transport aibalance` + `ai_predictive` with stock
+// `reverse_proxy` + `least_conn` on tiny responses.
+//
+//	go run ./examples/bench -speeds 1,1,0.6,0.3 -load 0.7 -duration 60s
+//	go run ./examples/bench -overhead -duration 10s
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/aibalance/caddy-aibalance/internal/harness"
+	"github.com/aibalance/caddy-aibalance/llmsim"
+
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	_ "github.com/aibalance/caddy-aibalance"
+)
+
+type policy struct {
+	name      string
+	selection map[string]any
+	ours      bool // uses the aibalance transport
+}
+
+func main() {
+	speedsFlag := flag.String("speeds", "1,1,0.6,0.3", "speed factor of each simulated backend")
+	load := flag.Float64("load", 0.7, "offered load as a fraction of the pool's estimated capacity")
+	duration := flag.Duration("duration", 60*time.Second, "measured duration per policy")
+	warmup := flag.Duration("warmup", 10*time.Second, "unrecorded warm-up before each measurement")
+	seed := flag.Uint64("seed", 1, "workload seed (the same arrivals for every policy)")
+	only := flag.String("policies", "", "comma-separated subset of policies to run (default: all)")
+	overhead := flag.Bool("overhead", false, "measure proxy overhead on tiny responses instead")
+	conc := flag.Int("concurrency", 32, "client connections for -overhead")
+	flag.Parse()
+
+	if *overhead {
+		runOverhead(*duration, *conc)
+		return
+	}
+	var speeds []float64
+	for _, f := range strings.Split(*speedsFlag, ",") {
+		s, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil || s <= 0 {
+			fmt.Fprintf(os.Stderr, "bench: bad speed %q\n", f)
+			os.Exit(2)
+		}
+		speeds = append(speeds, s)
+	}
+	capWeights := make([]any, len(speeds))
+	for i, s := range speeds {
+		capWeights[i] = max(int(s*10+0.5), 1)
+	}
+	policies := []policy{
+		{"round_robin", map[string]any{"policy": "round_robin"}, false},
+		{"least_conn", map[string]any{"policy": "least_conn"}, false},
+		{"weighted_round_robin", map[string]any{"policy": "weighted_round_robin", "weights": capWeights}, false},
+		{"ai_predictive", map[string]any{"policy": "ai_predictive"}, true},
+		{"ai_predictive (choose all)", map[string]any{"policy": "ai_predictive", "choose_all": true}, true},
+		{"least_tokens", map[string]any{"policy": "least_tokens"}, true},
+		{"weighted_least_conn", map[string]any{"policy": "weighted_least_conn", "weights": capWeights}, false},
+	}
+	if *only != "" {
+		keep := map[string]bool{}
+		for _, n := range strings.Split(*only, ",") {
+			keep[strings.TrimSpace(n)] = true
+		}
+		var sel []policy
+		for _, p := range policies {
+			if keep[p.name] {
+				sel = append(sel, p)
+			}
+		}
+		policies = sel
+	}
+
+	w := llmsim.Workload{MinPrompt: 50, MaxPrompt: 3000, MinOutput: 10, MaxOutput: 400, Seed: *seed}
+	mp, mo := w.MeanTokens()
+	var capacity float64
+	for _, s := range speeds {
+		capacity += llmsim.Config{Speed: s}.Capacity(mp, mo)
+	}
+	w.Rate = *load * capacity
+	w.Duration = *warmup + *duration
+	w.Warmup = *warmup
+
+	fmt.Printf("# Routing quality, %s\n\n", time.Now().UTC().Format("2006-01-02"))
+	fmt.Printf("Pool speeds %s; estimated capacity %.1f req/s; offered %.1f req/s (%.0f%%), Poisson; prompt %d-%d tokens, output %d-%d tokens (log-uniform, means %.0f / %.0f); %v measured after %v warm-up per policy; seed %d; %d CPUs, %s.\n\n",
+		*speedsFlag, capacity, w.Rate, *load*100, w.MinPrompt, w.MaxPrompt, w.MinOutput, w.MaxOutput, mp, mo, *duration, *warmup, *seed, runtime.NumCPU(), runtime.Version())
+	fmt.Println("| policy | done req/s | errors | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 | out tok/s | share per backend |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|")
+	for _, p := range policies {
+		row, err := runPolicy(p, speeds, w, *duration)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", p.name+":", err)
+			os.Exit(1)
+		}
+		fmt.Println(row)
+	}
+	_ = harness.Stop()
+}
+
+func runPolicy(p policy, speeds []float64, w llmsim.Workload, measured time.Duration) (string, error) {
+	pool, err := llmsim.StartPool(llmsim.Speeds(speeds...)...)
+	if err != nil {
+		return "", err
+	}
+	defer pool.Close()
+	port, err := harness.FreePort()
+	if err != nil {
+		return "", err
+	}
+	px := harness.Proxy{Port: port, Upstreams: pool.Addrs(), Policy: p.selection}
+	if p.ours {
+		px.Transport = map[string]any{"protocol": "aibalance"}
+	}
+	base, err := px.Start()
+	if err != nil {
+		return "", err
+	}
+	w.URL = base + "/v1/chat/completions"
+	recs := w.Run(context.Background(), 2*time.Minute)
+	s := llmsim.Summarize(recs, measured)
+	byBackend := map[string]int{}
+	for _, r := range recs {
+		if r.Err == nil && r.Status == http.StatusOK {
+			byBackend[r.Backend]++
+		}
+	}
+	var shares []string
+	ok := s.Requests - s.Errors
+	for i, a := range pool.Addrs() {
+		shares = append(shares, fmt.Sprintf("%.2f×: %.0f%%", speeds[i], 100*float64(byBackend[a])/float64(max(ok, 1))))
+	}
+	secs := measured.Seconds()
+	return fmt.Sprintf("| %s | %.2f | %d | %s | %s | %s | %s | %.0f | %s |",
+		p.name, float64(ok)/secs, s.Errors, ms(s.TTFT.P50), ms(s.TTFT.P99), ms(s.E2E.P50), ms(s.E2E.P99),
+		float64(s.OutputToks)/secs, strings.Join(shares, ", ")), nil
+}
+
+func ms(d time.Duration) string {
+	if d >= 10*time.Second {
+		return fmt.Sprintf("%.1fs", d.Seconds())
+	}
+	return fmt.Sprintf("%dms", d.Milliseconds())
+}
+
+// runOverhead compares proxy throughput on tiny responses, alternating the
+// two setups twice so both see the same machine conditions.
+func runOverhead(d time.Duration, conc int) {
+	backends := make([]string, 4)
+	for i := range backends {
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			_, _ = io.WriteString(w, `{"ok":true}`)
+		})}
+		port, err := harness.FreePort()
+		if err != nil {
+			panic(err)
+		}
+		backends[i] = fmt.Sprintf("127.0.0.1:%d", port)
+		srv.Addr = backends[i]
+		go func() { _ = srv.ListenAndServe() }()
+	}
+	time.Sleep(200 * time.Millisecond)
+	setups := []struct {
+		name string
+		px   harness.Proxy
+	}{
+		{"reverse_proxy + least_conn (stock)", harness.Proxy{Upstreams: backends, Policy: map[string]any{"policy": "least_conn"}}},
+		{"transport aibalance + ai_predictive", harness.Proxy{Upstreams: backends, Policy: map[string]any{"policy": "ai_predictive"}, Transport: map[string]any{"protocol": "aibalance"}}},
+	}
+	results := make([][]float64, len(setups))
+	for round := 0; round < 2; round++ {
+		for i, s := range setups {
+			port, err := harness.FreePort()
+			if err != nil {
+				panic(err)
+			}
+			s.px.Port = port
+			base, err := s.px.Start()
+			if err != nil {
+				panic(err)
+			}
+			results[i] = append(results[i], hammer(base+"/v1/chat/completions", d, conc))
+		}
+	}
+	_ = harness.Stop()
+	fmt.Printf("# Proxy overhead, %s\n\nTiny JSON responses from 4 local backends, %d keep-alive client connections, %v per run, 2 alternating runs each; %d CPUs, %s.\n\n",
+		time.Now().UTC().Format("2006-01-02"), conc, d, runtime.NumCPU(), runtime.Version())
+	fmt.Println("| setup | req/s (run 1) | req/s (run 2) | mean | vs stock |")
+	fmt.Println("|---|---|---|---|---|")
+	mean := func(v []float64) float64 { return (v[0] + v[1]) / 2 }
+	for i, s := range setups {
+		fmt.Printf("| %s | %.0f | %.0f | %.0f | %.1f%% |\n", s.name, results[i][0], results[i][1], mean(results[i]), 100*mean(results[i])/mean(results[0]))
+	}
+}
+
+func hammer(url string, d time.Duration, conc int) float64 {
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: conc}}
+	body := llmsim.ChatBody("sim", "hello there, a short prompt", 16, false)
+	var n atomic.Int64
+	deadline := time.Now().Add(d)
+	var wg sync.WaitGroup
+	for i := 0; i < conc; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(deadline) {
+				resp, err := client.Post(url, "application/json", strings.NewReader(string(body)))
+				if err != nil {
+					continue
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					n.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	client.CloseIdleConnections()
+	return float64(n.Load()) / d.Seconds()
+}

@@ -1,0 +1,156 @@
+package llmsim
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Workload describes an open-loop stream of chat completion requests.
+type Workload struct {
+	URL       string  // the /v1/chat/completions address
+	Rate      float64 // mean arrivals per second (Poisson)
+	Duration  time.Duration
+	Warmup    time.Duration // requests sent in this first part are not recorded
+	MinPrompt int           // prompt tokens, log-uniform between Min and Max
+	MaxPrompt int
+	MinOutput int // max_tokens, log-uniform between Min and Max
+	MaxOutput int
+	Seed      uint64
+	Client    *http.Client
+	// OnResult, if set, sees every result as it arrives (the demo's live view).
+	OnResult func(Record)
+}
+
+// MeanTokens is the mean prompt and output tokens of the workload.
+func (w Workload) MeanTokens() (prompt, output float64) {
+	return logUniformMean(w.MinPrompt, w.MaxPrompt), logUniformMean(w.MinOutput, w.MaxOutput)
+}
+
+func logUniformMean(a, b int) float64 {
+	if a >= b {
+		return float64(a)
+	}
+	return float64(b-a) / math.Log(float64(b)/float64(a))
+}
+
+func logUniform(r *rand.Rand, a, b int) int {
+	if a >= b {
+		return a
+	}
+	return int(math.Exp(math.Log(float64(a)) + r.Float64()*(math.Log(float64(b))-math.Log(float64(a)))))
+}
+
+// Record is one request's outcome.
+type Record struct {
+	Result
+	Err     error
+	Prompt  int
+	Output  int
+	Warmup  bool
+	Started time.Time
+}
+
+// Run sends the workload and returns every recorded request's outcome, after
+// waiting (at most drain) for the requests still in flight at the end.
+func (w Workload) Run(ctx context.Context, drain time.Duration) []Record {
+	r := rand.New(rand.NewPCG(w.Seed, w.Seed^0x9e3779b97f4a7c15))
+	client := w.Client
+	if client == nil {
+		client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024}}
+	}
+	reqCtx, cancel := context.WithTimeout(ctx, w.Duration+drain)
+	defer cancel()
+	var mu sync.Mutex
+	var out []Record
+	var wg sync.WaitGroup
+	start := time.Now()
+	next := start
+	for i := 0; ; i++ {
+		next = next.Add(time.Duration(r.ExpFloat64() / w.Rate * float64(time.Second)))
+		if next.Sub(start) >= w.Duration || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(time.Until(next))
+		prompt := logUniform(r, w.MinPrompt, w.MaxPrompt)
+		output := logUniform(r, w.MinOutput, w.MaxOutput)
+		body := ChatBody("", randomText(i, prompt*4, r), output, true)
+		warm := next.Sub(start) < w.Warmup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t := time.Now()
+			res, err := Complete(reqCtx, client, w.URL, body)
+			rec := Record{Result: res, Err: err, Prompt: prompt, Output: output, Warmup: warm, Started: t}
+			if w.OnResult != nil {
+				w.OnResult(rec)
+			}
+			if !warm {
+				mu.Lock()
+				out = append(out, rec)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+// randomText is n characters of text, unique from its first words so that
+// requests do not share prefixes by accident.
+func randomText(id, n int, r *rand.Rand) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "request %d %d: ", id, r.Uint32())
+	for b.Len() < n {
+		b.WriteString(words[r.IntN(len(words))])
+		b.WriteByte(' ')
+	}
+	return b.String()[:max(n, 1)]
+}
+
+var words = strings.Fields("the model serves tokens from a batch of sequences while the scheduler admits new requests into free slots and prefill competes with decode for the same step")
+
+// Summary is the aggregate of a run.
+type Summary struct {
+	Requests   int
+	Errors     int
+	Wall       time.Duration
+	TTFT, E2E  Percentiles
+	OutputToks int
+}
+
+// Percentiles of a latency distribution.
+type Percentiles struct{ P50, P90, P99, Max time.Duration }
+
+// Summarize aggregates records measured over wall time.
+func Summarize(recs []Record, wall time.Duration) Summary {
+	s := Summary{Wall: wall}
+	var ttft, e2e []time.Duration
+	for _, r := range recs {
+		s.Requests++
+		if r.Err != nil || r.Status != http.StatusOK {
+			s.Errors++
+			continue
+		}
+		ttft = append(ttft, r.TTFT)
+		e2e = append(e2e, r.E2E)
+		s.OutputToks += r.Tokens
+	}
+	s.TTFT, s.E2E = percentiles(ttft), percentiles(e2e)
+	return s
+}
+
+func percentiles(d []time.Duration) Percentiles {
+	if len(d) == 0 {
+		return Percentiles{}
+	}
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	at := func(q float64) time.Duration { return d[min(int(q*float64(len(d))), len(d)-1)] }
+	return Percentiles{P50: at(0.5), P90: at(0.9), P99: at(0.99), Max: d[len(d)-1]}
+}

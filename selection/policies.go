@@ -1,0 +1,420 @@
+package selection
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/aibalance/caddy-aibalance/aibalance"
+)
+
+func init() {
+	caddy.RegisterModule(new(AIPredictiveSelection))
+	caddy.RegisterModule(new(LeastTokensSelection))
+	caddy.RegisterModule(new(WeightedLeastConnSelection))
+}
+
+// maxChoose bounds power-of-k sampling; beyond it, scanning all is as cheap.
+const maxChoose = 16
+
+// AIPredictiveSelection is a policy that sends each request to the upstream
+// predicted to complete it soonest: for each candidate, the upstream's
+// learned latency model (see package aibalance) predicts time to first token
+// plus this request's expected output tokens times the time per output
+// token, given the upstream's requests and tokens in flight and this
+// request's prompt size. The prediction is divided by the upstream's weight.
+//
+// Candidates are k upstreams sampled at random among the available ones
+// (power of k choices; Mitzenmacher, "The Power of Two Choices in Randomized
+// Load Balancing"), which keeps the cost O(k) and spreads simultaneous
+// decisions of several Caddy instances; or all of them with `choose all`.
+// Ties are broken at random. Upstreams the model has not learned yet are
+// predicted from pool-wide averages scaled by their own load, so a new
+// upstream is tried at once but not flooded.
+//
+// It learns from the aibalance transport (`transport aibalance`); without it
+// the policy sees only Caddy's request counts and behaves like a randomized
+// least-connections.
+//
+//	lb_policy ai_predictive {
+//	    choose  <k>|all
+//	    weights <w1> <w2> ...
+//	}
+type AIPredictiveSelection struct {
+	// How many available upstreams to sample and compare for each request.
+	// Default: 2.
+	Choose int `json:"choose,omitempty"`
+	// Compare every available upstream instead of a sample.
+	ChooseAll bool `json:"choose_all,omitempty"`
+	// Weights, in the order of the upstreams, divide the predicted time:
+	// an upstream of weight 2 is chosen until its predicted time is twice
+	// another's. 0 never selects the upstream. Missing weights are 1.
+	Weights []int `json:"weights,omitempty"`
+
+	app   *aibalance.App
+	set   aibalance.BackendSet
+	clock func() time.Time
+}
+
+// CaddyModule returns the Caddy module information.
+func (*AIPredictiveSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.selection_policies.ai_predictive",
+		New: func() caddy.Module { return new(AIPredictiveSelection) },
+	}
+}
+
+// Provision sets defaults and takes references to the handler's upstreams.
+func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
+	if p.Choose == 0 {
+		p.Choose = 2
+	}
+	var err error
+	p.app, err = provisionStore(ctx, &p.set)
+	if p.clock == nil {
+		p.clock = time.Now
+	}
+	return err
+}
+
+// Validate checks the configuration.
+func (p *AIPredictiveSelection) Validate() error {
+	if p.Choose < 1 || p.Choose > maxChoose {
+		return fmt.Errorf("ai_predictive: choose must be between 1 and %d (or all), got %d", maxChoose, p.Choose)
+	}
+	return validateWeights("ai_predictive", p.Weights)
+}
+
+// Cleanup releases the store references.
+func (p *AIPredictiveSelection) Cleanup() error {
+	p.set.Release()
+	return nil
+}
+
+// Select returns the available upstream predicted to finish the request
+// first, or nil if none is available.
+func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
+	if len(pool) == 0 {
+		return nil
+	}
+	f := p.app.Features(r)
+	now := p.clock()
+	prior := p.app.Prior()
+	score := func(i int, u *reverseproxy.Upstream) float64 {
+		b := p.set.Get(u.Dial)
+		s := b.State()
+		// Caddy's own count covers requests proxied without our transport
+		s.Inflight = max(s.Inflight, float64(u.NumRequests()))
+		return b.Model().PredictE2E(s, f.PromptTokens, f.OutputTokens, prior, now) / weightOf(p.Weights, i)
+	}
+	if p.ChooseAll || len(pool) <= p.Choose {
+		return selectMin(pool, p.Weights, score)
+	}
+	return sampleMin(pool, p.Weights, p.Choose, score)
+}
+
+// UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
+//
+//	ai_predictive {
+//	    choose  <k>|all
+//	    weights <w1> <w2> ...
+//	}
+func (p *AIPredictiveSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume policy name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "choose":
+			if p.Choose != 0 || p.ChooseAll {
+				return d.Err("choose already specified")
+			}
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			if d.Val() == "all" {
+				p.ChooseAll = true
+			} else {
+				n, err := strconv.Atoi(d.Val())
+				if err != nil || n < 1 || n > maxChoose {
+					return d.Errf("choose: want a number from 1 to %d or 'all', got %q", maxChoose, d.Val())
+				}
+				p.Choose = n
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "weights":
+			if p.Weights != nil {
+				return d.Err("weights already specified")
+			}
+			w, err := parseWeights(d, d.RemainingArgs())
+			if err != nil {
+				return err
+			}
+			p.Weights = w
+		default:
+			return d.Errf("unrecognized ai_predictive subdirective %q", d.Val())
+		}
+	}
+	return nil
+}
+
+// LeastTokensSelection is a policy that selects the available upstream with
+// the fewest estimated tokens in flight per unit of weight: prompt plus
+// expected output tokens of every request it is serving, as counted by the
+// aibalance transport. Unlike least_conn it knows that a request with a
+// 6000-token prompt and 1000 output tokens is not the same load as a
+// 50-token chat turn. Ties go to fewer requests, then at random. Without
+// `transport aibalance` no tokens are counted and it is least_conn.
+//
+//	lb_policy least_tokens [<w1> <w2> ...]
+type LeastTokensSelection struct {
+	// Weights, in the order of the upstreams; missing weights are 1, 0 never
+	// selects the upstream.
+	Weights []int `json:"weights,omitempty"`
+
+	set aibalance.BackendSet
+}
+
+// CaddyModule returns the Caddy module information.
+func (*LeastTokensSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.selection_policies.least_tokens",
+		New: func() caddy.Module { return new(LeastTokensSelection) },
+	}
+}
+
+// Provision takes references to the handler's upstreams.
+func (p *LeastTokensSelection) Provision(ctx caddy.Context) error {
+	_, err := provisionStore(ctx, &p.set)
+	return err
+}
+
+// Validate checks the configuration.
+func (p *LeastTokensSelection) Validate() error { return validateWeights("least_tokens", p.Weights) }
+
+// Cleanup releases the store references.
+func (p *LeastTokensSelection) Cleanup() error {
+	p.set.Release()
+	return nil
+}
+
+// Select returns the available upstream with the fewest tokens in flight
+// per unit of weight.
+func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, _ *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
+	return selectMin(pool, p.Weights, func(i int, u *reverseproxy.Upstream) float64 {
+		_, tokens := p.set.Get(u.Dial).Inflight()
+		w := weightOf(p.Weights, i)
+		// requests break ties: a fraction of a token each
+		return (float64(tokens) + float64(u.NumRequests())/(1<<20)) / w
+	})
+}
+
+// UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
+//
+//	least_tokens [<w1> <w2> ...]
+func (p *LeastTokensSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume policy name
+	w, err := parseWeights(d, d.RemainingArgs())
+	if err != nil {
+		return err
+	}
+	p.Weights = w
+	if d.NextBlock(d.Nesting()) {
+		return d.Err("least_tokens takes no block")
+	}
+	return nil
+}
+
+// WeightedLeastConnSelection is a policy that selects the available upstream
+// with the highest weight / (active requests + 1), as Envoy's least_request
+// balancer does with unequal weights; Caddy itself has weights only for
+// round robin. Active requests are Caddy's own counts, so it needs no
+// other module. Ties are broken at random.
+//
+//	lb_policy weighted_least_conn <w1> <w2> ...
+type WeightedLeastConnSelection struct {
+	// Weights, in the order of the upstreams; missing weights are 1, 0 never
+	// selects the upstream.
+	Weights []int `json:"weights,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (*WeightedLeastConnSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.selection_policies.weighted_least_conn",
+		New: func() caddy.Module { return new(WeightedLeastConnSelection) },
+	}
+}
+
+// Validate checks the configuration.
+func (p *WeightedLeastConnSelection) Validate() error {
+	return validateWeights("weighted_least_conn", p.Weights)
+}
+
+// Select returns the available upstream with the most weight per active request.
+func (p *WeightedLeastConnSelection) Select(pool reverseproxy.UpstreamPool, _ *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
+	return selectMin(pool, p.Weights, func(i int, u *reverseproxy.Upstream) float64 {
+		return float64(u.NumRequests()+1) / weightOf(p.Weights, i)
+	})
+}
+
+// UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
+//
+//	weighted_least_conn <w1> <w2> ...
+func (p *WeightedLeastConnSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume policy name
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return d.ArgErr()
+	}
+	w, err := parseWeights(d, args)
+	if err != nil {
+		return err
+	}
+	p.Weights = w
+	if d.NextBlock(d.Nesting()) {
+		return d.Err("weighted_least_conn takes no block")
+	}
+	return nil
+}
+
+// provisionStore loads the aibalance app and takes references to the
+// handler's static upstreams before the old config lets go of them.
+func provisionStore(ctx caddy.Context, set *aibalance.BackendSet) (*aibalance.App, error) {
+	app, err := aibalance.Load(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, addr := range aibalance.HandlerUpstreams(ctx) {
+		set.Get(addr)
+	}
+	return app, nil
+}
+
+func weightOf(weights []int, i int) float64 {
+	if i < len(weights) {
+		return float64(weights[i])
+	}
+	return 1
+}
+
+func eligible(weights []int, i int, u *reverseproxy.Upstream) bool {
+	return (i >= len(weights) || weights[i] > 0) && u.Available()
+}
+
+// selectMin scans every eligible upstream and returns the one with the
+// lowest score, choosing uniformly among equal scores (reservoir sampling).
+func selectMin(pool reverseproxy.UpstreamPool, weights []int, score func(int, *reverseproxy.Upstream) float64) *reverseproxy.Upstream {
+	var best *reverseproxy.Upstream
+	var bestScore float64
+	ties := 0
+	for i, u := range pool {
+		if !eligible(weights, i, u) {
+			continue
+		}
+		s := score(i, u)
+		switch {
+		case best == nil || s < bestScore:
+			best, bestScore, ties = u, s, 1
+		case s == bestScore:
+			ties++
+			if rand.IntN(ties) == 0 {
+				best = u
+			}
+		}
+	}
+	return best
+}
+
+// sampleMin draws k distinct eligible upstreams at random and returns the
+// one with the lowest score. Drawing indices (not scanning) keeps it O(k)
+// when most upstreams are available; when too few are found after a bounded
+// number of draws it falls back to a full scan.
+func sampleMin(pool reverseproxy.UpstreamPool, weights []int, k int, score func(int, *reverseproxy.Upstream) float64) *reverseproxy.Upstream {
+	var picked [maxChoose]int
+	n := 0
+	for tries := 0; n < k && tries < 4*k+8; tries++ {
+		i := rand.IntN(len(pool))
+		dup := false
+		for _, j := range picked[:n] {
+			if j == i {
+				dup = true
+				break
+			}
+		}
+		if dup || !eligible(weights, i, pool[i]) {
+			continue
+		}
+		picked[n] = i
+		n++
+	}
+	if n < k {
+		return selectMin(pool, weights, score)
+	}
+	var best *reverseproxy.Upstream
+	var bestScore float64
+	for _, i := range picked[:n] {
+		// drawn in random order, so strict < breaks ties at random
+		if s := score(i, pool[i]); best == nil || s < bestScore {
+			best, bestScore = pool[i], s
+		}
+	}
+	return best
+}
+
+func parseWeights(d *caddyfile.Dispenser, args []string) ([]int, error) {
+	var out []int
+	for _, a := range args {
+		w, err := strconv.Atoi(a)
+		if err != nil || w < 0 {
+			return nil, d.Errf("invalid weight %q: want a whole number, 0 or more", a)
+		}
+		out = append(out, w)
+	}
+	return out, nil
+}
+
+func validateWeights(policy string, weights []int) error {
+	if len(weights) == 0 {
+		return nil
+	}
+	total := 0
+	for _, w := range weights {
+		if w < 0 {
+			return fmt.Errorf("%s: weights must not be negative, got %d", policy, w)
+		}
+		total += w
+	}
+	if total == 0 {
+		return fmt.Errorf("%s: at least one weight must be positive", policy)
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ reverseproxy.Selector = (*AIPredictiveSelection)(nil)
+	_ caddy.Provisioner     = (*AIPredictiveSelection)(nil)
+	_ caddy.Validator       = (*AIPredictiveSelection)(nil)
+	_ caddy.CleanerUpper    = (*AIPredictiveSelection)(nil)
+	_ caddyfile.Unmarshaler = (*AIPredictiveSelection)(nil)
+
+	_ reverseproxy.Selector = (*LeastTokensSelection)(nil)
+	_ caddy.Provisioner     = (*LeastTokensSelection)(nil)
+	_ caddy.Validator       = (*LeastTokensSelection)(nil)
+	_ caddy.CleanerUpper    = (*LeastTokensSelection)(nil)
+	_ caddyfile.Unmarshaler = (*LeastTokensSelection)(nil)
+
+	_ reverseproxy.Selector = (*WeightedLeastConnSelection)(nil)
+	_ caddy.Validator       = (*WeightedLeastConnSelection)(nil)
+	_ caddyfile.Unmarshaler = (*WeightedLeastConnSelection)(nil)
+)
