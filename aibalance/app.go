@@ -60,6 +60,19 @@ func (*App) CaddyModule() caddy.ModuleInfo {
 // Provision sets defaults.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	a.setDefaults()
+	return nil
+}
+
+// NewApp returns an app with default settings, provisioned, for programs and
+// tests that use the store and the model outside a Caddy config.
+func NewApp() *App {
+	a := &App{logger: zap.NewNop()}
+	a.setDefaults()
+	return a
+}
+
+func (a *App) setDefaults() {
 	d := DefaultFeatureConfig
 	if a.PeekBytes == 0 {
 		a.PeekBytes = d.PeekBytes
@@ -83,7 +96,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 		PrefixBlockChars:    a.PrefixBlockChars,
 	}
 	a.lambda = 1 - 1/float64(a.ModelMemory)
-	return nil
 }
 
 // Validate checks the settings.

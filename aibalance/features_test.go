@@ -1,0 +1,173 @@
+package aibalance
+
+import (
+	"bytes"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+func extract(t testing.TB, body string, chunked bool, cfg FeatureConfig) (*Features, []byte) {
+	req := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(body))
+	if chunked {
+		req.ContentLength = -1
+	}
+	f := new(Features)
+	ExtractFeatures(req, cfg, f)
+	got, err := io.ReadAll(req.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, got
+}
+
+func TestExtractFeatures(t *testing.T) {
+	long := strings.Repeat("a", 4000)
+	for _, tc := range []struct {
+		name    string
+		body    string
+		chunked bool
+		peek    int64
+		want    Features
+	}{
+		{name: "chat", body: `{"model":"llama-3","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"` + long + `"}],"max_tokens":77,"stream":true,"user":"alice"}`,
+			want: Features{Model: "llama-3", User: "alice", PromptTokens: (8+4000)/4 + 8, OutputTokens: 77, Stream: true, Parsed: true}},
+		{name: "max_completion_tokens wins", body: `{"messages":[],"max_tokens":5,"max_completion_tokens":9}`,
+			want: Features{OutputTokens: 9, Parsed: true}},
+		{name: "content parts", body: `{"messages":[{"role":"user","content":[{"type":"text","text":"abcdefgh"},{"type":"image_url","image_url":{"url":"x"}}]}]}`,
+			want: Features{PromptTokens: 2 + 4, OutputTokens: 256, Parsed: true}},
+		{name: "completion prompt", body: `{"prompt":"abcdabcd","max_tokens":3}`,
+			want: Features{PromptTokens: 2, OutputTokens: 3, Parsed: true}},
+		{name: "token id prompt", body: `{"prompt":[1,2,3,4,5],"max_tokens":3}`,
+			want: Features{PromptTokens: 5, OutputTokens: 3, Parsed: true}},
+		{name: "escaped quotes", body: `{"model":"m","messages":[{"role":"user","content":"say \"hi\" \\"}],"stream":false}`,
+			want: Features{Model: "m", PromptTokens: 13/4 + 4, OutputTokens: 256, Parsed: true}},
+		{name: "model after a long body beyond the peek", body: `{"messages":[{"role":"user","content":"` + long + `"}],"model":"late"}`, peek: 1000,
+			want: Features{PromptTokens: (1000-39+3058)/4 + 4, OutputTokens: 256, Parsed: true, Truncated: true}}, // seen content + unread bytes
+		{name: "chunked passes untouched", body: `{"model":"x","max_tokens":5}`, chunked: true,
+			want: Features{OutputTokens: 256}},
+		{name: "not json", body: `hello=world&a=b`, want: Features{OutputTokens: 256}},
+		{name: "garbage", body: `{"model":{"messages":[[[[`, want: Features{OutputTokens: 256, Parsed: true}},
+		{name: "negative and fractional numbers", body: `{"max_tokens":-4,"max_completion_tokens":2.5}`, want: Features{OutputTokens: 256, Parsed: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := DefaultFeatureConfig
+			if tc.peek > 0 {
+				cfg.PeekBytes = tc.peek
+			}
+			f, got := extract(t, tc.body, tc.chunked, cfg)
+			if !bytes.Equal(got, []byte(tc.body)) {
+				t.Fatalf("body changed: got %d bytes, want %d", len(got), len(tc.body))
+			}
+			f.PrefixHashes, f.NumBlocks = [MaxPrefixBlocks]uint64{}, 0
+			if *f != tc.want {
+				t.Fatalf("got %+v\nwant %+v", *f, tc.want)
+			}
+		})
+	}
+}
+
+func TestPrefixHashes(t *testing.T) {
+	sys := strings.Repeat("You are a helpful assistant. ", 20) // 580 bytes
+	a, _ := extract(t, `{"messages":[{"role":"system","content":"`+sys+`"},{"role":"user","content":"first question"}]}`, false, DefaultFeatureConfig)
+	b, _ := extract(t, `{"model":"m","messages":[{"role":"system","content":"`+sys+`"},{"role":"user","content":"another one"}]}`, false, DefaultFeatureConfig)
+	c, _ := extract(t, `{"messages":[{"role":"system","content":"X`+sys+`"}]}`, false, DefaultFeatureConfig)
+	if a.NumBlocks != 9 || b.NumBlocks != 9 {
+		t.Fatalf("blocks %d and %d, want 9 full 64-byte blocks", a.NumBlocks, b.NumBlocks)
+	}
+	if a.PrefixHashes[8] != b.PrefixHashes[8] {
+		t.Fatal("same system prompt, different prefix hashes")
+	}
+	if a.PrefixHashes[0] == c.PrefixHashes[0] {
+		t.Fatal("different first block, same hash")
+	}
+	huge := strings.Repeat("z", 100000)
+	h, _ := extract(t, `{"messages":[{"role":"user","content":"`+huge+`"}]}`, false, DefaultFeatureConfig)
+	if h.NumBlocks != MaxPrefixBlocks {
+		t.Fatalf("blocks %d, want the cap %d", h.NumBlocks, MaxPrefixBlocks)
+	}
+}
+
+func TestPeekedBodyKeepsOriginalOpenUntilRead(t *testing.T) {
+	rc := &closeCounter{Reader: strings.NewReader(`{"model":"m"}`)}
+	req := httptest.NewRequest(http.MethodPost, "/", nil)
+	req.Body, req.ContentLength = rc, 13
+	ExtractFeatures(req, DefaultFeatureConfig, new(Features))
+	_ = req.Body.Close() // a failed dial closes the body before sending it
+	if rc.closed != 0 {
+		t.Fatal("closing an unread body closed the original: a retry could not resend it")
+	}
+	if b, _ := io.ReadAll(req.Body); string(b) != `{"model":"m"}` {
+		t.Fatalf("body after a close-before-read: %q", b)
+	}
+	_ = req.Body.Close()
+	if rc.closed != 1 {
+		t.Fatal("closing a read body did not close the original")
+	}
+}
+
+type closeCounter struct {
+	io.Reader
+	closed int
+}
+
+func (c *closeCounter) Close() error { c.closed++; return nil }
+
+func FuzzParseRequestJSON(f *testing.F) {
+	for _, s := range []string{
+		`{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stream":true}`,
+		`{"prompt":[1,2,[3,4]],"input":"x"}`,
+		`{"messages":[{"content":[{"text":"a\"b"}]}]}`,
+		`{"a":{"b":[1,{"c":"\\"}]}}`, `{`, `{"`, `[`, ``,
+	} {
+		f.Add([]byte(s), int64(0))
+	}
+	f.Fuzz(func(t *testing.T, body []byte, rest int64) {
+		if rest < 0 {
+			rest = -rest
+		}
+		var ft Features
+		parseRequestJSON(body, rest%(1<<40), DefaultFeatureConfig, &ft)
+		if ft.NumBlocks > MaxPrefixBlocks || ft.PromptTokens < 0 || len(ft.Model) > maxFieldLen || len(ft.User) > maxFieldLen {
+			t.Fatalf("bad features %+v", ft)
+		}
+		// the body always comes back byte for byte
+		req := httptest.NewRequest(http.MethodPost, "/", bytes.NewReader(body))
+		cfg := DefaultFeatureConfig
+		cfg.PeekBytes = 16
+		ExtractFeatures(req, cfg, new(Features))
+		got, _ := io.ReadAll(req.Body)
+		if !bytes.Equal(got, body) {
+			t.Fatal("body changed")
+		}
+	})
+}
+
+func BenchmarkExtractFeatures(b *testing.B) {
+	for _, size := range []int{1 << 10, 32 << 10, 1 << 20} {
+		body := []byte(`{"model":"llama","stream":true,"max_tokens":200,"messages":[{"role":"system","content":"you are helpful"},{"role":"user","content":"` +
+			strings.Repeat("lorem ipsum dolor sit amet ", size/27) + `"}]}`)
+		b.Run(humanSize(size), func(b *testing.B) {
+			b.ReportAllocs()
+			b.SetBytes(int64(len(body)))
+			rd := bytes.NewReader(body)
+			req := httptest.NewRequest(http.MethodPost, "/", nil)
+			var f Features
+			for b.Loop() {
+				rd.Reset(body)
+				req.Body, req.ContentLength = io.NopCloser(rd), int64(len(body))
+				ExtractFeatures(req, DefaultFeatureConfig, &f)
+			}
+		})
+	}
+}
+
+func humanSize(n int) string {
+	if n >= 1<<20 {
+		return strconv.Itoa(n>>20) + "MiB"
+	}
+	return strconv.Itoa(n>>10) + "KiB"
+}

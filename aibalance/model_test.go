@@ -1,0 +1,92 @@
+package aibalance
+
+import (
+	"math"
+	"math/rand/v2"
+	"testing"
+	"time"
+)
+
+// synthetic is a backend whose true latency is linear in its load.
+func synthetic(s LoadState, prompt, out int, speed float64) (ttft, e2e time.Duration) {
+	t := (0.02 + 0.01*s.Inflight + 0.05*float64(prompt)/1000) / speed
+	tpot := (0.008 + 0.0005*s.Inflight) / speed
+	return secondsToDuration(t), secondsToDuration(t + float64(out-1)*tpot)
+}
+
+func TestModelConvergesAndTracksError(t *testing.T) {
+	var m Model
+	var p Prior
+	r := rand.New(rand.NewPCG(1, 2))
+	now := time.Unix(1000, 0)
+	var lastAPE float64
+	for i := 0; i < 600; i++ {
+		s := LoadState{Inflight: float64(r.IntN(20)), InflightTokens: float64(r.IntN(20000))}
+		prompt, out := 50+r.IntN(3000), 10+r.IntN(300)
+		pred := m.Predict(s, prompt, out, &p, now)
+		ttft, e2e := synthetic(s, prompt, out, 0.5)
+		// 2% of observations are wild outliers (a GC pause, a retry storm)
+		if r.IntN(50) == 0 {
+			e2e *= 20
+		}
+		m.Observe(Observation{State: s, PromptTokens: prompt, OutputTokens: out, TTFT: ttft, E2E: e2e, Predicted: pred.E2E}, 1-1.0/256, &p, now)
+		now = now.Add(10 * time.Millisecond)
+		if i == 20 {
+			lastAPE = m.Stats().MAPE
+		}
+	}
+	st := m.Stats()
+	t.Logf("after 600: MAPE %.3f (after 20: %.3f), TPOT per inflight %.5f (true 0.001), TTFT per 1k prompt %.4f (true 0.1)",
+		st.MAPE, lastAPE, st.TPOTPerInflight, st.TTFTPerKPrompt)
+	for _, tc := range []struct {
+		s      LoadState
+		p, out int
+	}{{LoadState{Inflight: 0}, 100, 50}, {LoadState{Inflight: 15, InflightTokens: 9000}, 2500, 300}} {
+		_, want := synthetic(tc.s, tc.p, tc.out, 0.5)
+		got := m.Predict(tc.s, tc.p, tc.out, &p, now).E2E
+		if e := math.Abs(got.Seconds()-want.Seconds()) / want.Seconds(); e > 0.1 {
+			t.Errorf("state %+v: predicted %v, true %v (%.0f%% off)", tc.s, got, want, 100*e)
+		}
+	}
+	if st.MAPE > 0.25 || st.MAPEWindow != errWindow {
+		t.Errorf("MAPE %.3f over %d predictions: want under 0.25 over %d (outliers included)", st.MAPE, st.MAPEWindow, errWindow)
+	}
+}
+
+func TestModelColdStartAndStaleness(t *testing.T) {
+	var m Model
+	var p Prior
+	now := time.Unix(1000, 0)
+	idle := m.PredictE2E(LoadState{}, 100, 100, &p, now)
+	busy := m.PredictE2E(LoadState{Inflight: 10}, 100, 100, &p, now)
+	if idle <= 0 || busy < 5*idle {
+		t.Fatalf("cold model: idle %.3fs, 10 in flight %.3fs; want a prior that grows with load", idle, busy)
+	}
+	// teach it that the backend is very slow, then leave it unobserved
+	for i := 0; i < 50; i++ {
+		m.Observe(Observation{OutputTokens: 100, TTFT: 5 * time.Second, E2E: 50 * time.Second}, 0.99, &p, now)
+	}
+	// meanwhile the rest of the pool is fast: the prior learns that
+	var fast Model
+	for i := 0; i < 300; i++ {
+		fast.Observe(Observation{OutputTokens: 100, TTFT: 50 * time.Millisecond, E2E: time.Second}, 0.99, &p, now)
+	}
+	slow := m.PredictE2E(LoadState{}, 100, 100, &p, now)
+	later := m.PredictE2E(LoadState{}, 100, 100, &p, now.Add(10*time.Minute))
+	if !(later < slow/3) {
+		t.Fatalf("a backend unobserved for 10 minutes still predicted %.1fs (was %.1fs): it would never be explored again", later, slow)
+	}
+}
+
+func BenchmarkPredict(b *testing.B) {
+	var m Model
+	var p Prior
+	now := time.Now()
+	for i := 0; i < 50; i++ {
+		m.Observe(Observation{State: LoadState{Inflight: float64(i % 7)}, PromptTokens: 500, OutputTokens: 100, TTFT: 50 * time.Millisecond, E2E: time.Second}, 0.99, &p, now)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		_ = m.PredictE2E(LoadState{Inflight: 3, InflightTokens: 4000}, 500, 200, &p, now)
+	}
+}

@@ -1,0 +1,231 @@
+package selection
+
+import (
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/aibalance/caddy-aibalance/aibalance"
+)
+
+func testPool(t testing.TB, n int) reverseproxy.UpstreamPool {
+	pool := make(reverseproxy.UpstreamPool, n)
+	for i := range pool {
+		pool[i] = &reverseproxy.Upstream{Host: new(reverseproxy.Host), Dial: fmt.Sprintf("%s-%d:80", t.Name(), i)}
+	}
+	return pool
+}
+
+func newPredictive(k int, all bool, weights ...int) *AIPredictiveSelection {
+	return &AIPredictiveSelection{Choose: k, ChooseAll: all, Weights: weights, app: aibalance.NewApp(), clock: time.Now}
+}
+
+func chatRequest() *http.Request {
+	return httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
+		strings.NewReader(`{"messages":[{"role":"user","content":"hello"}],"max_tokens":100}`))
+}
+
+// loadUp selects n times, leaving each choice in flight, and counts choices.
+func loadUp(t *testing.T, sel reverseproxy.Selector, set *aibalance.BackendSet, pool reverseproxy.UpstreamPool, n int) map[string]int {
+	t.Helper()
+	app := aibalance.NewApp()
+	counts := map[string]int{}
+	for i := 0; i < n; i++ {
+		r := chatRequest()
+		u := sel.Select(pool, r, nil)
+		if u == nil {
+			t.Fatal("nil selection from a healthy pool")
+		}
+		counts[u.Dial]++
+		b := set.Get(u.Dial)
+		b.Begin(app.Features(r), app.Prior(), time.Now())
+	}
+	return counts
+}
+
+func TestWeightsRespectedInDistribution(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		sel  func() (reverseproxy.Selector, *aibalance.BackendSet)
+	}{
+		{"ai_predictive", func() (reverseproxy.Selector, *aibalance.BackendSet) {
+			p := newPredictive(2, false, 3, 1, 0)
+			return p, &p.set
+		}},
+		{"ai_predictive choose all", func() (reverseproxy.Selector, *aibalance.BackendSet) {
+			p := newPredictive(2, true, 3, 1, 0)
+			return p, &p.set
+		}},
+		{"least_tokens", func() (reverseproxy.Selector, *aibalance.BackendSet) {
+			p := &LeastTokensSelection{Weights: []int{3, 1, 0}}
+			return p, &p.set
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sel, set := tc.sel()
+			defer set.Release()
+			pool := testPool(t, 3)
+			c := loadUp(t, sel, set, pool, 400)
+			a, b, z := c[pool[0].Dial], c[pool[1].Dial], c[pool[2].Dial]
+			t.Logf("weights 3:1:0 got %d:%d:%d", a, b, z)
+			if z != 0 {
+				t.Fatalf("weight 0 upstream chosen %d times", z)
+			}
+			if ratio := float64(a) / float64(b); ratio < 2.4 || ratio > 3.6 {
+				t.Fatalf("weights 3:1 gave %d:%d (ratio %.2f)", a, b, ratio)
+			}
+		})
+	}
+}
+
+func TestWeightedLeastConn(t *testing.T) {
+	pool := testPool(t, 3)
+	p := &WeightedLeastConnSelection{Weights: []int{1, 5, 2}}
+	for i := 0; i < 20; i++ {
+		if u := p.Select(pool, chatRequest(), nil); u != pool[1] {
+			t.Fatalf("idle pool: got %v, want the heaviest upstream", u)
+		}
+	}
+	p = &WeightedLeastConnSelection{Weights: []int{2, 2, 0}}
+	seen := map[*reverseproxy.Upstream]int{}
+	for i := 0; i < 200; i++ {
+		seen[p.Select(pool, chatRequest(), nil)]++
+	}
+	if seen[pool[2]] != 0 || seen[pool[0]] < 50 || seen[pool[1]] < 50 {
+		t.Fatalf("ties not broken at random or weight 0 chosen: %v", seen)
+	}
+}
+
+func TestEmptyAndIneligiblePools(t *testing.T) {
+	pool := testPool(t, 4)
+	for _, sel := range []reverseproxy.Selector{
+		newPredictive(2, false), newPredictive(2, true), &LeastTokensSelection{}, &WeightedLeastConnSelection{},
+	} {
+		if u := sel.Select(nil, chatRequest(), nil); u != nil {
+			t.Fatalf("%T: empty pool gave %v", sel, u)
+		}
+	}
+	// every upstream but one excluded: power-of-k must still find it, never another
+	p := newPredictive(2, false, 0, 0, 1, 0)
+	defer p.set.Release()
+	for i := 0; i < 100; i++ {
+		if u := p.Select(pool, chatRequest(), nil); u != pool[2] {
+			t.Fatalf("got %v, want the only eligible upstream", u)
+		}
+	}
+}
+
+func TestPredictivePrefersFasterBackend(t *testing.T) {
+	p := newPredictive(2, false)
+	defer p.set.Release()
+	pool := testPool(t, 2)
+	app := p.app
+	now := time.Now()
+	// teach the model: upstream 1 is 3x slower than upstream 0
+	for i := 0; i < 40; i++ {
+		for j, slow := range []float64{1, 3} {
+			b := p.set.Get(pool[j].Dial)
+			f := &aibalance.Features{PromptTokens: 200, OutputTokens: 100}
+			a := b.Begin(f, app.Prior(), now)
+			a.End(aibalance.Outcome{Status: 200, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, app.Lambda(), app.Prior(), now)
+		}
+	}
+	c := loadUp(t, p, &p.set, pool, 40)
+	t.Logf("fast %d, slow %d", c[pool[0].Dial], c[pool[1].Dial])
+	if c[pool[0].Dial] < 2*c[pool[1].Dial] {
+		t.Fatalf("fast backend got %d, slow %d: want the fast one to take most", c[pool[0].Dial], c[pool[1].Dial])
+	}
+}
+
+func TestPolicyCaddyfile(t *testing.T) {
+	for _, tc := range []struct {
+		name, input string
+		mod         caddyfile.Unmarshaler
+		want        string // %+v of the module, or the error text
+	}{
+		{"predictive bare", `ai_predictive`, new(AIPredictiveSelection), "choose=0 all=false weights=[]"},
+		{"predictive block", "ai_predictive {\n choose 3\n weights 3 2 1\n}", new(AIPredictiveSelection), "choose=3 all=false weights=[3 2 1]"},
+		{"predictive all", "ai_predictive {\n choose all\n}", new(AIPredictiveSelection), "choose=0 all=true weights=[]"},
+		{"predictive bad choose", "ai_predictive {\n choose 0\n}", new(AIPredictiveSelection), "choose: want a number from 1 to 16 or 'all', got \"0\""},
+		{"predictive dup", "ai_predictive {\n choose 2\n choose 3\n}", new(AIPredictiveSelection), "choose already specified"},
+		{"predictive unknown", "ai_predictive {\n bogus 1\n}", new(AIPredictiveSelection), `unrecognized ai_predictive subdirective "bogus"`},
+		{"predictive args", `ai_predictive 3`, new(AIPredictiveSelection), "wrong argument count"},
+		{"predictive bad weight", "ai_predictive {\n weights 1 x\n}", new(AIPredictiveSelection), `invalid weight "x"`},
+		{"least_tokens", `least_tokens 2 1`, new(LeastTokensSelection), "weights=[2 1]"},
+		{"least_tokens negative", `least_tokens -1`, new(LeastTokensSelection), `invalid weight "-1"`},
+		{"wlc", `weighted_least_conn 3 2 1`, new(WeightedLeastConnSelection), "weights=[3 2 1]"},
+		{"wlc no weights", `weighted_least_conn`, new(WeightedLeastConnSelection), "wrong argument count"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.mod.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			var got string
+			switch m := tc.mod.(type) {
+			case *AIPredictiveSelection:
+				got = fmt.Sprintf("choose=%d all=%v weights=%v", m.Choose, m.ChooseAll, m.Weights)
+			case *LeastTokensSelection:
+				got = fmt.Sprintf("weights=%v", m.Weights)
+			case *WeightedLeastConnSelection:
+				got = fmt.Sprintf("weights=%v", m.Weights)
+			}
+			if err != nil {
+				got = err.Error()
+			}
+			if !strings.Contains(got, tc.want) {
+				t.Fatalf("got %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestValidate(t *testing.T) {
+	if err := (&WeightedLeastConnSelection{Weights: []int{0, 0}}).Validate(); err == nil {
+		t.Fatal("all-zero weights accepted")
+	}
+	if err := (&AIPredictiveSelection{Choose: 17}).Validate(); err == nil {
+		t.Fatal("choose 17 accepted")
+	}
+}
+
+// BenchmarkSelect compares the policies' Select with Caddy's least_conn and
+// round_robin on pools of 4, 16 and 64 upstreams, in one run.
+func BenchmarkSelect(b *testing.B) {
+	for _, n := range []int{4, 16, 64} {
+		pool := testPool(b, n)
+		pred := newPredictive(2, false)
+		predAll := newPredictive(2, true)
+		lt := &LeastTokensSelection{}
+		wlc := &WeightedLeastConnSelection{}
+		for _, s := range []struct {
+			name string
+			sel  reverseproxy.Selector
+		}{
+			{"least_conn", new(reverseproxy.LeastConnSelection)},
+			{"round_robin", new(reverseproxy.RoundRobinSelection)},
+			{"ai_predictive", pred},
+			{"ai_predictive_all", predAll},
+			{"least_tokens", lt},
+			{"weighted_least_conn", wlc},
+		} {
+			b.Run(fmt.Sprintf("%s/%d", s.name, n), func(b *testing.B) {
+				r := chatRequest()
+				r = r.WithContext(withVars(r))
+				s.sel.Select(pool, r, nil) // features read and cached once per request
+				b.ReportAllocs()
+				for b.Loop() {
+					if s.sel.Select(pool, r, nil) == nil {
+						b.Fatal("nil")
+					}
+				}
+			})
+		}
+		pred.set.Release()
+		predAll.set.Release()
+		lt.set.Release()
+	}
+}
