@@ -89,8 +89,11 @@ func (t *Transport) Cleanup() error {
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
 	di, ok := reverseproxy.GetDialInfo(ctx)
-	// active health checks carry no server in their context: not user traffic
-	if !ok || di.Upstream == nil || ctx.Value(caddyhttp.ServerCtxKey) == nil {
+	// Active health checks are not user traffic. Their context has no
+	// request variables: the server sets those per request. (It may carry
+	// the server itself: Caddy's http app puts it in the provisioning
+	// context that health checks derive from.)
+	if !ok || di.Upstream == nil || ctx.Value(caddyhttp.VarsCtxKey) == nil {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	b := t.set.Get(di.Upstream.Dial)
