@@ -4,5 +4,6 @@ package caddyaibalance
 
 import (
 	_ "github.com/aibalance/caddy-aibalance/aibalance"
+	_ "github.com/aibalance/caddy-aibalance/caddyfile"
 	_ "github.com/aibalance/caddy-aibalance/selection"
 )

@@ -1,0 +1,260 @@
+// Package aicaddyfile is the Caddyfile front door of the aibalance plugin:
+// the ai_proxy shortcut directive and the aibalance global option. (Named
+// so it does not shadow Caddy's own caddyfile package.)
+package aicaddyfile
+
+import (
+	"encoding/json"
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/aibalance/caddy-aibalance/selection"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("ai_proxy", parseAIProxy)
+	httpcaddyfile.RegisterDirectiveOrder("ai_proxy", httpcaddyfile.After, "reverse_proxy")
+}
+
+// Defaults ai_proxy gives the reverse_proxy it expands to, unless the block
+// sets them itself.
+const (
+	// DefaultRequestBuffers lets a body of up to 16 MiB be replayed on a retry.
+	DefaultRequestBuffers = 16 << 20
+	// DefaultRetries is how many more upstreams are tried after a failure.
+	DefaultRetries = 2
+	// DefaultRetryMatch retries answers that mean "try another backend",
+	// given before any byte went to the client.
+	DefaultRetryMatch = "{http.reverse_proxy.status_code} in [429, 502, 503]"
+)
+
+// parseAIProxy sets up a reverse_proxy for LLM inference backends. Syntax:
+//
+//	ai_proxy [<upstreams...>] {
+//	    # the plugin's own subdirectives
+//	    policy  ai_predictive|least_tokens|weighted_least_conn [<weights...>]
+//	    weights <w1> <w2> ...
+//	    choose  <k>|all
+//
+//	    # and every reverse_proxy subdirective, unchanged
+//	}
+//
+// It expands to:
+//
+//	reverse_proxy <upstreams...> {
+//	    lb_policy ai_predictive
+//	    transport aibalance
+//	    flush_interval -1
+//	    request_buffers 16MiB
+//	    lb_retries 2
+//	    lb_retry_match {
+//	        expression `{rp.status_code} in [429, 502, 503]`
+//	    }
+//	}
+//
+// Any of these the block sets itself wins. A `transport` other than
+// aibalance is rejected: the policies learn from it.
+func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	d := h.Dispenser
+	d.Next() // consume directive name
+	header := d.Token()
+	header.Text = "reverse_proxy"
+	tokens := []caddyfile.Token{header}
+	for d.NextArg() {
+		tokens = append(tokens, d.Token())
+	}
+	open := header
+	open.Text = "{"
+	if n := len(tokens); n > 0 {
+		open.Line = tokens[n-1].Line
+	}
+	tokens = append(tokens, open)
+
+	var pol policyOptions
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if handled, err := pol.parse(d); err != nil {
+			return nil, err
+		} else if handled {
+			continue
+		}
+		tokens = append(tokens, d.NextSegment()...)
+	}
+	closing := tokens[len(tokens)-1]
+	closing.Text, closing.Line = "}", closing.Line+1
+	tokens = append(tokens, closing)
+
+	rp := new(reverseproxy.Handler)
+	rpd := caddyfile.NewDispenser(tokens)
+	if err := rp.UnmarshalCaddyfile(rpd); err != nil {
+		return nil, err
+	}
+	h.Dispenser = rpd
+	if err := rp.FinalizeUnmarshalCaddyfile(h); err != nil {
+		return nil, err
+	}
+	if err := applyDefaults(d, rp, &pol); err != nil {
+		return nil, err
+	}
+	return rp, nil
+}
+
+// policyOptions are the ai_proxy subdirectives that choose the policy.
+type policyOptions struct {
+	name    string
+	weights []int
+	choose  string
+	set     bool
+}
+
+// parse consumes one of the policy subdirectives, reporting whether it was one.
+func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
+	switch d.Val() {
+	case "policy":
+		if p.name != "" {
+			return true, d.Err("policy already specified")
+		}
+		if !d.NextArg() {
+			return true, d.ArgErr()
+		}
+		p.name = d.Val()
+		switch p.name {
+		case "ai_predictive", "least_tokens", "weighted_least_conn":
+		default:
+			return true, d.Errf("unknown ai_proxy policy %q: want ai_predictive, least_tokens or weighted_least_conn (or use lb_policy for Caddy's own)", p.name)
+		}
+		if args := d.RemainingArgs(); len(args) > 0 {
+			if p.weights != nil {
+				return true, d.Err("weights already specified")
+			}
+			w, err := parseWeights(d, args)
+			if err != nil {
+				return true, err
+			}
+			p.weights = w
+		}
+	case "weights":
+		if p.weights != nil {
+			return true, d.Err("weights already specified")
+		}
+		args := d.RemainingArgs()
+		if len(args) == 0 {
+			return true, d.ArgErr()
+		}
+		w, err := parseWeights(d, args)
+		if err != nil {
+			return true, err
+		}
+		p.weights = w
+	case "choose":
+		if p.choose != "" {
+			return true, d.Err("choose already specified")
+		}
+		if !d.NextArg() {
+			return true, d.ArgErr()
+		}
+		p.choose = d.Val()
+		if d.NextArg() {
+			return true, d.ArgErr()
+		}
+		if n, err := strconv.Atoi(p.choose); p.choose != "all" && (err != nil || n < 1 || n > 16) {
+			return true, d.Errf("choose: want a number from 1 to 16 or 'all', got %q", p.choose)
+		}
+	default:
+		return false, nil
+	}
+	p.set = true
+	return true, nil
+}
+
+func parseWeights(d *caddyfile.Dispenser, args []string) ([]int, error) {
+	out := make([]int, 0, len(args))
+	for _, a := range args {
+		w, err := strconv.Atoi(a)
+		if err != nil || w < 0 {
+			return nil, d.Errf("invalid weight %q: want a whole number, 0 or more", a)
+		}
+		out = append(out, w)
+	}
+	return out, nil
+}
+
+// selector builds the selection policy module the options describe.
+func (p *policyOptions) selector(d *caddyfile.Dispenser, upstreams int) (json.RawMessage, error) {
+	name := p.name
+	if name == "" {
+		name = "ai_predictive"
+	}
+	if p.weights != nil && upstreams > 0 && len(p.weights) != upstreams {
+		return nil, d.Errf("ai_proxy: %d weights for %d upstreams: give one weight per upstream, in order", len(p.weights), upstreams)
+	}
+	var sel reverseproxy.Selector
+	switch name {
+	case "ai_predictive":
+		s := &selection.AIPredictiveSelection{Weights: p.weights}
+		if p.choose == "all" {
+			s.ChooseAll = true
+		} else if p.choose != "" {
+			s.Choose, _ = strconv.Atoi(p.choose)
+		}
+		sel = s
+	case "least_tokens":
+		sel = &selection.LeastTokensSelection{Weights: p.weights}
+	case "weighted_least_conn":
+		if p.weights == nil {
+			return nil, d.Err("ai_proxy: policy weighted_least_conn needs weights")
+		}
+		sel = &selection.WeightedLeastConnSelection{Weights: p.weights}
+	}
+	if p.choose != "" && name != "ai_predictive" {
+		return nil, d.Errf("ai_proxy: choose applies to ai_predictive, not %s", name)
+	}
+	return caddyconfig.JSONModuleObject(sel, "policy", name, nil), nil
+}
+
+func applyDefaults(d *caddyfile.Dispenser, rp *reverseproxy.Handler, pol *policyOptions) error {
+	if rp.TransportRaw == nil {
+		rp.TransportRaw = caddyconfig.JSONModuleObject(new(selection.Transport), "protocol", "aibalance", nil)
+	} else {
+		var t struct {
+			Protocol string `json:"protocol"`
+		}
+		_ = json.Unmarshal(rp.TransportRaw, &t)
+		if t.Protocol != "aibalance" {
+			return d.Errf("ai_proxy: transport %s would stop the balancer from measuring its backends; put the http transport options inside `transport aibalance { ... }`", t.Protocol)
+		}
+	}
+	if rp.LoadBalancing == nil {
+		rp.LoadBalancing = new(reverseproxy.LoadBalancing)
+	}
+	lb := rp.LoadBalancing
+	switch {
+	case lb.SelectionPolicyRaw != nil && pol.set:
+		return d.Err("ai_proxy: use either lb_policy or policy/weights/choose, not both")
+	case lb.SelectionPolicyRaw == nil:
+		raw, err := pol.selector(d, len(rp.Upstreams))
+		if err != nil {
+			return err
+		}
+		lb.SelectionPolicyRaw = raw
+	}
+	if lb.Retries == 0 && lb.TryDuration == 0 {
+		lb.Retries = DefaultRetries
+	}
+	if lb.RetryMatchRaw == nil {
+		expr, _ := json.Marshal(DefaultRetryMatch)
+		lb.RetryMatchRaw = caddyhttp.RawMatcherSets{caddy.ModuleMap{"expression": expr}}
+	}
+	if rp.FlushInterval == 0 {
+		rp.FlushInterval = caddy.Duration(-1)
+	}
+	if rp.RequestBuffers == 0 {
+		rp.RequestBuffers = DefaultRequestBuffers
+	}
+	return nil
+}

@@ -1,0 +1,81 @@
+package aicaddyfile
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/dustin/go-humanize"
+
+	"github.com/aibalance/caddy-aibalance/aibalance"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("aibalance", parseGlobal)
+}
+
+// parseGlobal sets up the aibalance app from the global option. Syntax:
+//
+//	{
+//	    aibalance {
+//	        peek_bytes            <size>
+//	        default_output_tokens <n>
+//	        chars_per_token       <n>
+//	        prefix_block_chars    <n>
+//	        model_memory          <n>
+//	    }
+//	}
+func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
+	if existing != nil {
+		return nil, d.Err("aibalance global option already specified")
+	}
+	app := new(aibalance.App)
+	d.Next() // consume option name
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		key := d.Val()
+		if seen[key] {
+			return nil, d.Errf("%s already specified", key)
+		}
+		seen[key] = true
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		val := d.Val()
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		if key == "peek_bytes" {
+			n, err := humanize.ParseBytes(val)
+			if err != nil || n == 0 || n > 1<<30 {
+				return nil, d.Errf("peek_bytes: want a size from 1B to 1GiB such as 64KiB, got %q", val)
+			}
+			app.PeekBytes = int64(n)
+			continue
+		}
+		n, err := strconv.Atoi(val)
+		if err != nil || n < 1 {
+			return nil, d.Errf("%s: want a whole number of at least 1, got %q", key, val)
+		}
+		switch key {
+		case "default_output_tokens":
+			app.DefaultOutputTokens = n
+		case "chars_per_token":
+			app.CharsPerToken = n
+		case "prefix_block_chars":
+			app.PrefixBlockChars = n
+		case "model_memory":
+			if n < 2 {
+				return nil, d.Errf("model_memory: want at least 2, got %d", n)
+			}
+			app.ModelMemory = n
+		default:
+			return nil, d.Errf("unrecognized aibalance global option %q", key)
+		}
+	}
+	return httpcaddyfile.App{Name: "aibalance", Value: caddyconfig.JSON(app, nil)}, nil
+}
