@@ -83,7 +83,11 @@ func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 		} else if handled {
 			continue
 		}
-		tokens = append(tokens, d.NextSegment()...)
+		seg := d.NextSegment()
+		if seg[0].Text == "transport" && len(seg) > 1 && seg[1].Text != "aibalance" {
+			return nil, d.Errf("ai_proxy: transport %s would stop the balancer from measuring its backends; put the http transport options inside `transport aibalance { ... }`", seg[1].Text)
+		}
+		tokens = append(tokens, seg...)
 	}
 	closing := tokens[len(tokens)-1]
 	closing.Text, closing.Line = "}", closing.Line+1
@@ -218,16 +222,8 @@ func (p *policyOptions) selector(d *caddyfile.Dispenser, upstreams int) (json.Ra
 }
 
 func applyDefaults(d *caddyfile.Dispenser, rp *reverseproxy.Handler, pol *policyOptions) error {
-	if rp.TransportRaw == nil {
+	if rp.TransportRaw == nil { // parseAIProxy let no other transport through
 		rp.TransportRaw = caddyconfig.JSONModuleObject(new(selection.Transport), "protocol", "aibalance", nil)
-	} else {
-		var t struct {
-			Protocol string `json:"protocol"`
-		}
-		_ = json.Unmarshal(rp.TransportRaw, &t)
-		if t.Protocol != "aibalance" {
-			return d.Errf("ai_proxy: transport %s would stop the balancer from measuring its backends; put the http transport options inside `transport aibalance { ... }`", t.Protocol)
-		}
 	}
 	if rp.LoadBalancing == nil {
 		rp.LoadBalancing = new(reverseproxy.LoadBalancing)
