@@ -29,6 +29,8 @@ type Backend struct {
 	streamErrors atomic.Uint64 // body cut before its end
 	promptTokens atomic.Uint64
 	outputTokens atomic.Uint64
+	e2eNanos     atomic.Int64 // summed over successful attempts
+	ttftNanos    atomic.Int64
 	retryAfter   atomic.Int64 // unix ns until which the backend asked not to be sent more (429/503 Retry-After)
 
 	model Model
@@ -129,6 +131,8 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 	if o.Status >= 200 && o.Status < 300 {
 		b.promptTokens.Add(uint64(max(a.prompt, 0)))
 		b.outputTokens.Add(uint64(max(o.OutputTokens, 0)))
+		b.e2eNanos.Add(int64(o.E2E))
+		b.ttftNanos.Add(int64(o.TTFT))
 		if !o.StreamError && !o.Canceled && o.TTFT > 0 {
 			b.model.Observe(Observation{
 				State:        a.state,
@@ -145,23 +149,25 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 // BackendStats is a snapshot of a backend's counters, for the admin API,
 // metrics, the demo and tests.
 type BackendStats struct {
-	Address        string     `json:"address"`
-	Inflight       int64      `json:"inflight"`
-	InflightTokens int64      `json:"inflight_tokens"`
-	Requests       uint64     `json:"requests"`
-	Status2xx      uint64     `json:"status_2xx"`
-	Status4xx      uint64     `json:"status_4xx"`
-	Status5xx      uint64     `json:"status_5xx"`
-	Status429      uint64     `json:"status_429"`
-	DialErrors     uint64     `json:"dial_errors"`
-	Timeouts       uint64     `json:"timeouts"`
-	OtherErrors    uint64     `json:"other_errors"`
-	Canceled       uint64     `json:"canceled"`
-	StreamErrors   uint64     `json:"stream_errors"`
-	PromptTokens   uint64     `json:"prompt_tokens"`
-	OutputTokens   uint64     `json:"output_tokens"`
-	RetryAfter     time.Time  `json:"retry_after,omitzero"`
-	Model          ModelStats `json:"model"`
+	Address        string        `json:"address"`
+	Inflight       int64         `json:"inflight"`
+	InflightTokens int64         `json:"inflight_tokens"`
+	Requests       uint64        `json:"requests"`
+	Status2xx      uint64        `json:"status_2xx"`
+	Status4xx      uint64        `json:"status_4xx"`
+	Status5xx      uint64        `json:"status_5xx"`
+	Status429      uint64        `json:"status_429"`
+	DialErrors     uint64        `json:"dial_errors"`
+	Timeouts       uint64        `json:"timeouts"`
+	OtherErrors    uint64        `json:"other_errors"`
+	Canceled       uint64        `json:"canceled"`
+	StreamErrors   uint64        `json:"stream_errors"`
+	PromptTokens   uint64        `json:"prompt_tokens"`
+	OutputTokens   uint64        `json:"output_tokens"`
+	MeanE2E        time.Duration `json:"mean_e2e_ns"`  // of successful attempts
+	MeanTTFT       time.Duration `json:"mean_ttft_ns"` // of successful attempts
+	RetryAfter     time.Time     `json:"retry_after,omitzero"`
+	Model          ModelStats    `json:"model"`
 }
 
 // Stats returns a snapshot of the backend's counters.
@@ -183,6 +189,10 @@ func (b *Backend) Stats() BackendStats {
 		PromptTokens:   b.promptTokens.Load(),
 		OutputTokens:   b.outputTokens.Load(),
 		Model:          b.model.Stats(),
+	}
+	if n := int64(s.Status2xx); n > 0 {
+		s.MeanE2E = time.Duration(b.e2eNanos.Load() / n)
+		s.MeanTTFT = time.Duration(b.ttftNanos.Load() / n)
 	}
 	if ra := b.retryAfter.Load(); ra > 0 {
 		s.RetryAfter = time.Unix(0, ra)
