@@ -136,7 +136,7 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 			if p.weights != nil {
 				return true, d.Err("weights already specified")
 			}
-			w, err := parseWeights(d, args)
+			w, err := selection.ParseWeights(d, args)
 			if err != nil {
 				return true, err
 			}
@@ -150,7 +150,7 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 		if len(args) == 0 {
 			return true, d.ArgErr()
 		}
-		w, err := parseWeights(d, args)
+		w, err := selection.ParseWeights(d, args)
 		if err != nil {
 			return true, err
 		}
@@ -174,18 +174,6 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 	}
 	p.set = true
 	return true, nil
-}
-
-func parseWeights(d *caddyfile.Dispenser, args []string) ([]int, error) {
-	out := make([]int, 0, len(args))
-	for _, a := range args {
-		w, err := strconv.Atoi(a)
-		if err != nil || w < 0 {
-			return nil, d.Errf("invalid weight %q: want a whole number, 0 or more", a)
-		}
-		out = append(out, w)
-	}
-	return out, nil
 }
 
 // selector builds the selection policy module the options describe.

@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/aibalance/caddy-aibalance"

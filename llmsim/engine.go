@@ -102,26 +102,22 @@ type stepPlan struct {
 }
 
 func (e *engine) dropAborted() {
-	keep := e.running[:0]
-	for _, q := range e.running {
+	e.running = keepLive(e.running)
+	e.waiting = keepLive(e.waiting)
+}
+
+// keepLive removes aborted sequences from list, ending their token streams.
+func keepLive(list []*seq) []*seq {
+	keep := list[:0]
+	for _, q := range list {
 		if q.aborted {
 			close(q.tokens)
 			continue
 		}
 		keep = append(keep, q)
 	}
-	clear(e.running[len(keep):])
-	e.running = keep
-	keepW := e.waiting[:0]
-	for _, q := range e.waiting {
-		if q.aborted {
-			close(q.tokens)
-			continue
-		}
-		keepW = append(keepW, q)
-	}
-	clear(e.waiting[len(keepW):])
-	e.waiting = keepW
+	clear(list[len(keep):])
+	return keep
 }
 
 // plan admits waiting sequences into free slots and works out the next

@@ -155,7 +155,7 @@ func (p *AIPredictiveSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error
 			if p.Weights != nil {
 				return d.Err("weights already specified")
 			}
-			w, err := parseWeights(d, d.RemainingArgs())
+			w, err := ParseWeights(d, d.RemainingArgs())
 			if err != nil {
 				return err
 			}
@@ -223,7 +223,7 @@ func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, _ *http.Re
 //	least_tokens [<w1> <w2> ...]
 func (p *LeastTokensSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume policy name
-	w, err := parseWeights(d, d.RemainingArgs())
+	w, err := ParseWeights(d, d.RemainingArgs())
 	if err != nil {
 		return err
 	}
@@ -276,7 +276,7 @@ func (p *WeightedLeastConnSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) 
 	if len(args) == 0 {
 		return d.ArgErr()
 	}
-	w, err := parseWeights(d, args)
+	w, err := ParseWeights(d, args)
 	if err != nil {
 		return err
 	}
@@ -371,7 +371,8 @@ func sampleMin(pool reverseproxy.UpstreamPool, weights []int, k int, score func(
 	return best
 }
 
-func parseWeights(d *caddyfile.Dispenser, args []string) ([]int, error) {
+// ParseWeights reads Caddyfile weight arguments: whole numbers, 0 or more.
+func ParseWeights(d *caddyfile.Dispenser, args []string) ([]int, error) {
 	var out []int
 	for _, a := range args {
 		w, err := strconv.Atoi(a)
