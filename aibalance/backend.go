@@ -16,6 +16,8 @@ type Backend struct {
 
 	inflight       atomic.Int64
 	inflightTokens atomic.Int64
+	pending        atomic.Int64 // in flight without a first token yet
+	pendingTokens  atomic.Int64 // their prompt tokens
 
 	requests     atomic.Uint64 // attempts finished, any outcome
 	status2xx    atomic.Uint64
@@ -53,7 +55,12 @@ func (b *Backend) Inflight() (requests, tokens int64) {
 
 // State is the backend's load as a model input.
 func (b *Backend) State() LoadState {
-	return LoadState{Inflight: float64(b.inflight.Load()), InflightTokens: float64(b.inflightTokens.Load())}
+	return LoadState{
+		Inflight:       float64(b.inflight.Load()),
+		InflightTokens: float64(b.inflightTokens.Load()),
+		Pending:        float64(b.pending.Load()),
+		PendingTokens:  float64(b.pendingTokens.Load()),
+	}
 }
 
 // Destruct implements caddy.Destructor; a backend holds no resources.
@@ -67,6 +74,7 @@ type Attempt struct {
 	prompt    int
 	predicted time.Duration
 	start     time.Time
+	gotFirst  bool
 }
 
 // Begin records a request sent to the backend: it is counted in flight (with
@@ -77,7 +85,20 @@ func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
 	tokens := int64(f.Tokens())
 	b.inflight.Add(1)
 	b.inflightTokens.Add(tokens)
+	b.pending.Add(1)
+	b.pendingTokens.Add(int64(f.PromptTokens))
 	return Attempt{b: b, state: s, tokens: tokens, prompt: f.PromptTokens, predicted: p.E2E, start: now}
+}
+
+// FirstToken records that the attempt got its first token: it stops
+// counting as pending. Only the first call counts.
+func (a *Attempt) FirstToken() {
+	if a.gotFirst {
+		return
+	}
+	a.gotFirst = true
+	a.b.pending.Add(-1)
+	a.b.pendingTokens.Add(-int64(a.prompt))
 }
 
 // Start is when the attempt began.
@@ -100,6 +121,7 @@ type Outcome struct {
 // is a clean success. It must be called exactly once per Begin.
 func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 	b := a.b
+	a.FirstToken()
 	b.inflight.Add(-1)
 	b.inflightTokens.Add(-a.tokens)
 	b.requests.Add(1)
@@ -152,6 +174,7 @@ type BackendStats struct {
 	Address        string        `json:"address"`
 	Inflight       int64         `json:"inflight"`
 	InflightTokens int64         `json:"inflight_tokens"`
+	Pending        int64         `json:"pending"`
 	Requests       uint64        `json:"requests"`
 	Status2xx      uint64        `json:"status_2xx"`
 	Status4xx      uint64        `json:"status_4xx"`
@@ -176,6 +199,7 @@ func (b *Backend) Stats() BackendStats {
 		Address:        b.addr,
 		Inflight:       b.inflight.Load(),
 		InflightTokens: b.inflightTokens.Load(),
+		Pending:        b.pending.Load(),
 		Requests:       b.requests.Load(),
 		Status2xx:      b.status2xx.Load(),
 		Status4xx:      b.status4xx.Load(),

@@ -58,18 +58,14 @@ type Features struct {
 	Parsed bool
 	// Truncated is true when the body was longer than the peek.
 	Truncated bool
-	// NumBlocks is how many entries of PrefixHashes are set.
-	NumBlocks int
-	// PrefixHashes[i] is the chain hash of the first (i+1) prompt blocks:
-	// equal hashes mean equal prefixes. Deterministic across processes.
-	PrefixHashes [MaxPrefixBlocks]uint64
+	// PrefixHashes[i] is the chain hash of the first (i+1) prompt blocks
+	// (at most MaxPrefixBlocks): equal hashes mean equal prefixes.
+	// Deterministic across processes.
+	PrefixHashes []uint64
 }
 
 // Tokens is the request's total estimated token cost (prompt plus output).
 func (f *Features) Tokens() int { return f.PromptTokens + f.OutputTokens }
-
-// Hashes returns the prefix block hashes that are set.
-func (f *Features) Hashes() []uint64 { return f.PrefixHashes[:f.NumBlocks] }
 
 // RequestFeatures returns the features of r, extracting them on first use and
 // caching them in r's vars for every later step and retry. When r has no vars

@@ -2,6 +2,7 @@ package aibalance
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -62,8 +63,8 @@ func TestExtractFeatures(t *testing.T) {
 			if !bytes.Equal(got, []byte(tc.body)) {
 				t.Fatalf("body changed: got %d bytes, want %d", len(got), len(tc.body))
 			}
-			f.PrefixHashes, f.NumBlocks = [MaxPrefixBlocks]uint64{}, 0
-			if *f != tc.want {
+			f.PrefixHashes = nil
+			if fmt.Sprintf("%+v", *f) != fmt.Sprintf("%+v", tc.want) {
 				t.Fatalf("got %+v\nwant %+v", *f, tc.want)
 			}
 		})
@@ -75,8 +76,8 @@ func TestPrefixHashes(t *testing.T) {
 	a, _ := extract(t, `{"messages":[{"role":"system","content":"`+sys+`"},{"role":"user","content":"first question"}]}`, false, DefaultFeatureConfig)
 	b, _ := extract(t, `{"model":"m","messages":[{"role":"system","content":"`+sys+`"},{"role":"user","content":"another one"}]}`, false, DefaultFeatureConfig)
 	c, _ := extract(t, `{"messages":[{"role":"system","content":"X`+sys+`"}]}`, false, DefaultFeatureConfig)
-	if a.NumBlocks != 9 || b.NumBlocks != 9 {
-		t.Fatalf("blocks %d and %d, want 9 full 64-byte blocks", a.NumBlocks, b.NumBlocks)
+	if len(a.PrefixHashes) != 9 || len(b.PrefixHashes) != 9 {
+		t.Fatalf("blocks %d and %d, want 9 full 64-byte blocks", len(a.PrefixHashes), len(b.PrefixHashes))
 	}
 	if a.PrefixHashes[8] != b.PrefixHashes[8] {
 		t.Fatal("same system prompt, different prefix hashes")
@@ -86,8 +87,8 @@ func TestPrefixHashes(t *testing.T) {
 	}
 	huge := strings.Repeat("z", 100000)
 	h, _ := extract(t, `{"messages":[{"role":"user","content":"`+huge+`"}]}`, false, DefaultFeatureConfig)
-	if h.NumBlocks != MaxPrefixBlocks {
-		t.Fatalf("blocks %d, want the cap %d", h.NumBlocks, MaxPrefixBlocks)
+	if len(h.PrefixHashes) != MaxPrefixBlocks {
+		t.Fatalf("blocks %d, want the cap %d", len(h.PrefixHashes), MaxPrefixBlocks)
 	}
 }
 
@@ -131,7 +132,7 @@ func FuzzParseRequestJSON(f *testing.F) {
 		}
 		var ft Features
 		parseRequestJSON(body, rest%(1<<40), DefaultFeatureConfig, &ft)
-		if ft.NumBlocks > MaxPrefixBlocks || ft.PromptTokens < 0 || len(ft.Model) > maxFieldLen || len(ft.User) > maxFieldLen {
+		if len(ft.PrefixHashes) > MaxPrefixBlocks || ft.PromptTokens < 0 || len(ft.Model) > maxFieldLen || len(ft.User) > maxFieldLen {
 			t.Fatalf("bad features %+v", ft)
 		}
 		// the body always comes back byte for byte

@@ -10,8 +10,15 @@ import (
 // The latency model: per backend, two online linear regressions fitted by
 // recursive least squares (RLS) with exponential forgetting.
 //
-//	TTFT = a0 + a1·inflight + a2·inflightKTokens + a3·promptKTokens
-//	TPOT = b0 + b1·inflight
+//	TTFT = a0 + a1·pending + a2·pendingKTokens + a3·promptKTokens
+//	TPOT = b0 + b1·running
+//
+// "pending" are the requests in flight at the backend that have not had
+// their first token yet (queued in the engine or in prefill), and their
+// prompt tokens: the balancer's own view of the engine's queue, which is
+// what a new request's first token waits behind. "running" are the
+// requests in flight past their first token: the decode batch, which sets
+// the time per output token.
 //
 // Why RLS and not Peak-EWMA: an LLM request's cost is not one number. Its
 // time to first token grows with the prompt and the queue in front of it, its
@@ -49,7 +56,9 @@ const (
 // LoadState is what a prediction depends on besides the request itself.
 type LoadState struct {
 	Inflight       float64 // requests in flight at the backend (not counting this one)
-	InflightTokens float64 // their estimated tokens
+	InflightTokens float64 // their estimated tokens (prompt + expected output)
+	Pending        float64 // of the requests in flight, those without a first token yet
+	PendingTokens  float64 // their prompt tokens
 }
 
 // Observation is one finished attempt, as the transport measured it.
@@ -196,12 +205,14 @@ func (p *Prior) observe(ttft, tpot float64) {
 }
 
 func ttftFeatures(s LoadState, promptTokens int) [ttftDims]float64 {
-	return [ttftDims]float64{1, s.Inflight, s.InflightTokens / 1000, float64(promptTokens) / 1000}
+	return [ttftDims]float64{1, s.Pending, s.PendingTokens / 1000, float64(promptTokens) / 1000}
 }
 
 func tpotFeatures(s LoadState) [ttftDims]float64 {
-	return [ttftDims]float64{1, s.Inflight}
+	return [ttftDims]float64{1, running(s)}
 }
+
+func running(s LoadState) float64 { return max(s.Inflight-s.Pending, 0) }
 
 // Prediction is the model's estimate for one request on one backend.
 type Prediction struct {
@@ -244,7 +255,7 @@ func (m *Model) predictSeconds(s LoadState, promptTokens int, prior *Prior, now 
 	for i := 0; i < ttftDims; i++ {
 		ttft += math.Float64frombits(m.coef[i].Load()) * x[i]
 	}
-	tpot = math.Float64frombits(m.coef[ttftDims].Load()) + math.Float64frombits(m.coef[ttftDims+1].Load())*s.Inflight
+	tpot = math.Float64frombits(m.coef[ttftDims].Load()) + math.Float64frombits(m.coef[ttftDims+1].Load())*running(s)
 	// a linear fit can go negative outside the region it has seen
 	ttft = max(ttft, 0.05*priorTTFT/load)
 	tpot = max(tpot, 0.05*priorTPOT/load)
@@ -315,29 +326,30 @@ type ModelStats struct {
 	// completion-time predictions, 0..∞ (0.2 = 20% off on average).
 	MAPE       float64 `json:"mape"`
 	MAPEWindow int64   `json:"mape_window"`
-	// Learned coefficients: seconds, seconds per in-flight request, seconds
-	// per 1000 in-flight tokens, seconds per 1000 prompt tokens.
-	TTFTBase        float64 `json:"ttft_base_s"`
-	TTFTPerInflight float64 `json:"ttft_per_inflight_s"`
-	TTFTPerKTokens  float64 `json:"ttft_per_inflight_ktokens_s"`
-	TTFTPerKPrompt  float64 `json:"ttft_per_prompt_ktokens_s"`
-	TPOTBase        float64 `json:"tpot_base_s"`
-	TPOTPerInflight float64 `json:"tpot_per_inflight_s"`
+	// Learned coefficients: seconds, seconds per pending request, seconds
+	// per 1000 pending prompt tokens, seconds per 1000 prompt tokens; time
+	// per output token and its growth per running request.
+	TTFTBase              float64 `json:"ttft_base_s"`
+	TTFTPerPending        float64 `json:"ttft_per_pending_s"`
+	TTFTPerPendingKTokens float64 `json:"ttft_per_pending_ktokens_s"`
+	TTFTPerKPrompt        float64 `json:"ttft_per_prompt_ktokens_s"`
+	TPOTBase              float64 `json:"tpot_base_s"`
+	TPOTPerRunning        float64 `json:"tpot_per_running_s"`
 }
 
 // Stats returns a snapshot of the model's state.
 func (m *Model) Stats() ModelStats {
 	c := func(i int) float64 { return math.Float64frombits(m.coef[i].Load()) }
 	return ModelStats{
-		Samples:         m.samples.Load(),
-		MAPE:            math.Float64frombits(m.mape.Load()),
-		MAPEWindow:      m.errCount.Load(),
-		TTFTBase:        c(0),
-		TTFTPerInflight: c(1),
-		TTFTPerKTokens:  c(2),
-		TTFTPerKPrompt:  c(3),
-		TPOTBase:        c(4),
-		TPOTPerInflight: c(5),
+		Samples:               m.samples.Load(),
+		MAPE:                  math.Float64frombits(m.mape.Load()),
+		MAPEWindow:            m.errCount.Load(),
+		TTFTBase:              c(0),
+		TTFTPerPending:        c(1),
+		TTFTPerPendingKTokens: c(2),
+		TTFTPerKPrompt:        c(3),
+		TPOTBase:              c(4),
+		TPOTPerRunning:        c(5),
 	}
 }
 

@@ -9,8 +9,8 @@ import (
 
 // synthetic is a backend whose true latency is linear in its load.
 func synthetic(s LoadState, prompt, out int, speed float64) (ttft, e2e time.Duration) {
-	t := (0.02 + 0.01*s.Inflight + 0.05*float64(prompt)/1000) / speed
-	tpot := (0.008 + 0.0005*s.Inflight) / speed
+	t := (0.02 + 0.01*s.Pending + 0.03*s.PendingTokens/1000 + 0.05*float64(prompt)/1000) / speed
+	tpot := (0.008 + 0.0005*running(s)) / speed
 	return secondsToDuration(t), secondsToDuration(t + float64(out-1)*tpot)
 }
 
@@ -21,7 +21,8 @@ func TestModelConvergesAndTracksError(t *testing.T) {
 	now := time.Unix(1000, 0)
 	var lastAPE float64
 	for i := 0; i < 600; i++ {
-		s := LoadState{Inflight: float64(r.IntN(20)), InflightTokens: float64(r.IntN(20000))}
+		pending := float64(r.IntN(8))
+		s := LoadState{Inflight: pending + float64(r.IntN(16)), Pending: pending, PendingTokens: pending * float64(r.IntN(3000))}
 		prompt, out := 50+r.IntN(3000), 10+r.IntN(300)
 		pred := m.Predict(s, prompt, out, &p, now)
 		ttft, e2e := synthetic(s, prompt, out, 0.5)
@@ -36,12 +37,12 @@ func TestModelConvergesAndTracksError(t *testing.T) {
 		}
 	}
 	st := m.Stats()
-	t.Logf("after 600: MAPE %.3f (after 20: %.3f), TPOT per inflight %.5f (true 0.001), TTFT per 1k prompt %.4f (true 0.1)",
-		st.MAPE, lastAPE, st.TPOTPerInflight, st.TTFTPerKPrompt)
+	t.Logf("after 600: MAPE %.3f (after 20: %.3f), TPOT per running %.5f (true 0.001), TTFT per 1k prompt %.4f (true 0.1)",
+		st.MAPE, lastAPE, st.TPOTPerRunning, st.TTFTPerKPrompt)
 	for _, tc := range []struct {
 		s      LoadState
 		p, out int
-	}{{LoadState{Inflight: 0}, 100, 50}, {LoadState{Inflight: 15, InflightTokens: 9000}, 2500, 300}} {
+	}{{LoadState{Inflight: 0}, 100, 50}, {LoadState{Inflight: 15, Pending: 5, PendingTokens: 9000}, 2500, 300}} {
 		_, want := synthetic(tc.s, tc.p, tc.out, 0.5)
 		got := m.Predict(tc.s, tc.p, tc.out, &p, now).E2E
 		if e := math.Abs(got.Seconds()-want.Seconds()) / want.Seconds(); e > 0.1 {

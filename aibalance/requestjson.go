@@ -19,14 +19,15 @@ const (
 )
 
 type prefixHasher struct {
-	f         *Features
+	hashes    [MaxPrefixBlocks]uint64 // on the stack; copied out once at the end
+	n         int
 	h         uint64
 	blockSize int
 	left      int // bytes until the current block ends
 }
 
 func (p *prefixHasher) write(b []byte) {
-	if p.f.NumBlocks >= MaxPrefixBlocks || p.blockSize <= 0 {
+	if p.n >= MaxPrefixBlocks || p.blockSize <= 0 {
 		return
 	}
 	h := p.h
@@ -35,9 +36,9 @@ func (p *prefixHasher) write(b []byte) {
 		h *= fnvPrime
 		p.left--
 		if p.left == 0 {
-			p.f.PrefixHashes[p.f.NumBlocks] = h
-			p.f.NumBlocks++
-			if p.f.NumBlocks == MaxPrefixBlocks {
+			p.hashes[p.n] = h
+			p.n++
+			if p.n == MaxPrefixBlocks {
 				break
 			}
 			p.left = p.blockSize
@@ -58,7 +59,7 @@ type requestScanner struct {
 // parseRequestJSON fills f from buf, the first bytes of a body that has rest
 // more bytes after them.
 func parseRequestJSON(buf []byte, rest int64, cfg FeatureConfig, f *Features) {
-	s := requestScanner{buf: buf, hasher: prefixHasher{f: f, h: fnvOffset, blockSize: cfg.PrefixBlockChars, left: cfg.PrefixBlockChars}}
+	s := requestScanner{buf: buf, hasher: prefixHasher{h: fnvOffset, blockSize: cfg.PrefixBlockChars, left: cfg.PrefixBlockChars}}
 	s.ws()
 	if !s.consume('{') {
 		return
@@ -111,6 +112,9 @@ func parseRequestJSON(buf []byte, rest int64, cfg FeatureConfig, f *Features) {
 		f.OutputTokens = maxCompletion
 	case maxTokens > 0:
 		f.OutputTokens = maxTokens
+	}
+	if s.hasher.n > 0 {
+		f.PrefixHashes = append([]uint64(nil), s.hasher.hashes[:s.hasher.n]...)
 	}
 	cpt := max(cfg.CharsPerToken, 1)
 	// the unread rest of a long body is almost all prompt text

@@ -194,6 +194,7 @@ func (o *observedBody) Read(p []byte) (int, error) {
 	if n > 0 {
 		if o.bytes == 0 && !o.sse {
 			o.outcome.TTFT = o.t.clock().Sub(o.att.Start())
+			o.att.FirstToken()
 		}
 		o.bytes += int64(n)
 		if o.sse {
@@ -312,6 +313,7 @@ func (o *observedBody) sseLine(line []byte) {
 	if hasContent(data, contentKey) || hasContent(data, textKey) {
 		if o.events == 0 {
 			o.outcome.TTFT = o.t.clock().Sub(o.att.Start())
+			o.att.FirstToken()
 		}
 		o.events++
 	}
