@@ -239,6 +239,12 @@ func (m *Model) PredictE2E(s LoadState, promptTokens, outputTokens int, prior *P
 	return ttft + float64(outputTokens)*tpot
 }
 
+// PredictSeconds is Predict's TTFT and time per output token in seconds,
+// for the hot path.
+func (m *Model) PredictSeconds(s LoadState, promptTokens int, prior *Prior, now time.Time) (ttft, tpot float64) {
+	return m.predictSeconds(s, promptTokens, prior, now)
+}
+
 func (m *Model) predictSeconds(s LoadState, promptTokens int, prior *Prior, now time.Time) (ttft, tpot float64) {
 	pTTFT, pTPOT := prior.values()
 	load := s.Inflight + 1

@@ -56,6 +56,11 @@ type AIPredictiveSelection struct {
 	// an upstream of weight 2 is chosen until its predicted time is twice
 	// another's. 0 never selects the upstream. Missing weights are 1.
 	Weights []int `json:"weights,omitempty"`
+	// TTFTWeight counts the predicted time to first token this many times
+	// more in the score: score = (1+w)·TTFT + output tokens·TPOT. 0 scores
+	// by completion time alone; more favours a short wait for the first
+	// token (what a streaming user sees) over total time. Default: 0.
+	TTFTWeight float64 `json:"ttft_weight,omitempty"`
 
 	app   *aibalance.App
 	set   aibalance.BackendSet
@@ -111,7 +116,8 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		s := b.State()
 		// Caddy's own count covers requests proxied without our transport
 		s.Inflight = max(s.Inflight, float64(u.NumRequests()))
-		return b.Model().PredictE2E(s, f.PromptTokens, f.OutputTokens, prior, now) / weightOf(p.Weights, i)
+		ttft, tpot := b.Model().PredictSeconds(s, f.PromptTokens, prior, now)
+		return ((1+p.TTFTWeight)*ttft + float64(f.OutputTokens)*tpot) / weightOf(p.Weights, i)
 	}
 	if p.ChooseAll || len(pool) <= p.Choose {
 		return selectMin(pool, p.Weights, score)

@@ -17,12 +17,14 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/aibalance/caddy-aibalance/aibalance"
 	"github.com/aibalance/caddy-aibalance/internal/harness"
 	"github.com/aibalance/caddy-aibalance/llmsim"
 
@@ -30,6 +32,8 @@ import (
 
 	_ "github.com/aibalance/caddy-aibalance"
 )
+
+var detail bool
 
 type policy struct {
 	name      string
@@ -46,6 +50,7 @@ func main() {
 	only := flag.String("policies", "", "comma-separated subset of policies to run (default: all)")
 	overhead := flag.Bool("overhead", false, "measure proxy overhead on tiny responses instead")
 	conc := flag.Int("concurrency", 32, "client connections for -overhead")
+	flag.BoolVar(&detail, "detail", false, "after each row, print per-backend TTFT percentiles and the slowest first tokens")
 	flag.Parse()
 
 	if *overhead {
@@ -71,6 +76,8 @@ func main() {
 		{"weighted_round_robin", map[string]any{"policy": "weighted_round_robin", "weights": capWeights}, false},
 		{"ai_predictive", map[string]any{"policy": "ai_predictive"}, true},
 		{"ai_predictive (choose all)", map[string]any{"policy": "ai_predictive", "choose_all": true}, true},
+		{"ai_predictive (ttft_weight 4)", map[string]any{"policy": "ai_predictive", "ttft_weight": 4}, true},
+		{"ai_predictive (ttft_weight 16)", map[string]any{"policy": "ai_predictive", "ttft_weight": 16}, true},
 		{"least_tokens", map[string]any{"policy": "least_tokens"}, true},
 		{"weighted_least_conn", map[string]any{"policy": "weighted_least_conn", "weights": capWeights}, false},
 	}
@@ -145,6 +152,9 @@ func runPolicy(p policy, speeds []float64, w llmsim.Workload, measured time.Dura
 	ok := s.Requests - s.Errors
 	for i, a := range pool.Addrs() {
 		shares = append(shares, fmt.Sprintf("%.2f×: %.0f%%", speeds[i], 100*float64(byBackend[a])/float64(max(ok, 1))))
+	}
+	if detail {
+		printDetail(p.name, recs, pool.Addrs(), speeds)
 	}
 	secs := measured.Seconds()
 	return fmt.Sprintf("| %s | %.2f | %d | %s | %s | %s | %s | %.0f | %s |",
@@ -235,4 +245,29 @@ func hammer(url string, d time.Duration, conc int) float64 {
 	wg.Wait()
 	client.CloseIdleConnections()
 	return float64(n.Load()) / d.Seconds()
+}
+
+// printDetail shows where a policy's first-token tail comes from.
+func printDetail(name string, recs []llmsim.Record, addrs []string, speeds []float64) {
+	fmt.Printf("\n<details><summary>%s: TTFT by backend</summary>\n\n", name)
+	for i, a := range addrs {
+		var mine []llmsim.Record
+		for _, r := range recs {
+			if r.Backend == a && r.Err == nil && r.Status == http.StatusOK {
+				mine = append(mine, r)
+			}
+		}
+		s := llmsim.Summarize(mine, time.Second)
+		fmt.Printf("- %.2f×: %d requests, TTFT p50 %s p90 %s p99 %s max %s\n", speeds[i], len(mine), ms(s.TTFT.P50), ms(s.TTFT.P90), ms(s.TTFT.P99), ms(s.TTFT.Max))
+		if b, ok := aibalance.LookupBackend(a); ok {
+			fmt.Printf("  - model: %+v\n", b.Stats().Model)
+		}
+	}
+	sort.Slice(recs, func(i, j int) bool { return recs[i].TTFT > recs[j].TTFT })
+	for i := 0; i < min(8, len(recs)); i++ {
+		r := recs[i]
+		fmt.Printf("  - TTFT %s prompt %d output %d on %s\n", ms(r.TTFT), r.Prompt, r.Output, r.Backend)
+	}
+	fmt.Println("\n</details>")
+	fmt.Println()
 }
