@@ -1,6 +1,7 @@
 package aibalance
 
 import (
+	"math"
 	"sync/atomic"
 	"time"
 )
@@ -16,8 +17,11 @@ type Backend struct {
 
 	inflight       atomic.Int64
 	inflightTokens atomic.Int64
-	pending        atomic.Int64 // in flight without a first token yet
-	pendingTokens  atomic.Int64 // their prompt tokens
+	pending        atomic.Int64  // in flight without a first token yet
+	pendingTokens  atomic.Int64  // their prompt tokens
+	pendingSince   atomic.Int64  // sum of their start times, unix ns (mean age = now - sum/pending)
+	maxRunning     atomic.Int64  // most requests seen past their first token at once: the batch size, as far as seen
+	e2eEWMA        atomic.Uint64 // float64 seconds: recent completion time of successful requests
 
 	requests     atomic.Uint64 // attempts finished, any outcome
 	status2xx    atomic.Uint64
@@ -53,14 +57,28 @@ func (b *Backend) Inflight() (requests, tokens int64) {
 	return b.inflight.Load(), b.inflightTokens.Load()
 }
 
-// State is the backend's load as a model input.
-func (b *Backend) State() LoadState {
-	return LoadState{
+// State is the backend's load at now, as a model input.
+func (b *Backend) State(now time.Time) LoadState {
+	s := LoadState{
 		Inflight:       float64(b.inflight.Load()),
 		InflightTokens: float64(b.inflightTokens.Load()),
-		Pending:        float64(b.pending.Load()),
 		PendingTokens:  float64(b.pendingTokens.Load()),
 	}
+	// the sum and the count are two atomics: a racing Begin or FirstToken
+	// can skew one reading of the age, which is clamped at zero
+	since := b.pendingSince.Load()
+	if n := b.pending.Load(); n > 0 {
+		s.Pending = float64(n)
+		s.PendingAge = max(float64(now.UnixNano()-since/n)/1e9, 0)
+	}
+	// Anticipated queueing: with its batch full, a backend starts a new
+	// request only as running ones finish, about slots/E2E per second.
+	if slots, e2e := float64(b.maxRunning.Load()), math.Float64frombits(b.e2eEWMA.Load()); slots > 0 && e2e > 0 {
+		if over := s.Inflight + 1 - slots; over > 0 {
+			s.QueueWait = over * e2e / slots
+		}
+	}
+	return s
 }
 
 // Destruct implements caddy.Destructor; a backend holds no resources.
@@ -80,24 +98,43 @@ type Attempt struct {
 // Begin records a request sent to the backend: it is counted in flight (with
 // its estimated tokens) until End.
 func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
-	s := b.State()
+	s := b.State(now)
 	p := b.model.Predict(s, f.PromptTokens, f.OutputTokens, prior, now)
 	tokens := int64(f.Tokens())
 	b.inflight.Add(1)
 	b.inflightTokens.Add(tokens)
-	b.pending.Add(1)
 	b.pendingTokens.Add(int64(f.PromptTokens))
+	b.pendingSince.Add(now.UnixNano())
+	b.pending.Add(1)
 	return Attempt{b: b, state: s, tokens: tokens, prompt: f.PromptTokens, predicted: p.E2E, start: now}
 }
 
 // FirstToken records that the attempt got its first token: it stops
-// counting as pending. Only the first call counts.
+// counting as pending and starts counting as running. Only the first call
+// counts.
 func (a *Attempt) FirstToken() {
+	if a.gotFirst {
+		return
+	}
+	a.release()
+	b := a.b
+	running := b.inflight.Load() - b.pending.Load()
+	for {
+		m := b.maxRunning.Load()
+		if running <= m || b.maxRunning.CompareAndSwap(m, running) {
+			return
+		}
+	}
+}
+
+// release stops counting the attempt as pending.
+func (a *Attempt) release() {
 	if a.gotFirst {
 		return
 	}
 	a.gotFirst = true
 	a.b.pending.Add(-1)
+	a.b.pendingSince.Add(-a.start.UnixNano())
 	a.b.pendingTokens.Add(-int64(a.prompt))
 }
 
@@ -121,7 +158,7 @@ type Outcome struct {
 // is a clean success. It must be called exactly once per Begin.
 func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 	b := a.b
-	a.FirstToken()
+	a.release()
 	b.inflight.Add(-1)
 	b.inflightTokens.Add(-a.tokens)
 	b.requests.Add(1)
@@ -154,6 +191,9 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 		b.promptTokens.Add(uint64(max(a.prompt, 0)))
 		b.outputTokens.Add(uint64(max(o.OutputTokens, 0)))
 		b.e2eNanos.Add(int64(o.E2E))
+		if !o.StreamError && !o.Canceled {
+			ewmaAtomic(&b.e2eEWMA, o.E2E.Seconds())
+		}
 		b.ttftNanos.Add(int64(o.TTFT))
 		if !o.StreamError && !o.Canceled && o.TTFT > 0 {
 			b.model.Observe(Observation{
@@ -175,6 +215,7 @@ type BackendStats struct {
 	Inflight       int64         `json:"inflight"`
 	InflightTokens int64         `json:"inflight_tokens"`
 	Pending        int64         `json:"pending"`
+	MaxRunning     int64         `json:"max_running_seen"`
 	Requests       uint64        `json:"requests"`
 	Status2xx      uint64        `json:"status_2xx"`
 	Status4xx      uint64        `json:"status_4xx"`
@@ -200,6 +241,7 @@ func (b *Backend) Stats() BackendStats {
 		Inflight:       b.inflight.Load(),
 		InflightTokens: b.inflightTokens.Load(),
 		Pending:        b.pending.Load(),
+		MaxRunning:     b.maxRunning.Load(),
 		Requests:       b.requests.Load(),
 		Status2xx:      b.status2xx.Load(),
 		Status4xx:      b.status4xx.Load(),

@@ -10,7 +10,7 @@ import (
 // The latency model: per backend, two online linear regressions fitted by
 // recursive least squares (RLS) with exponential forgetting.
 //
-//	TTFT = a0 + a1·pending + a2·pendingKTokens + a3·promptKTokens
+//	TTFT = queueing + a0 + a1·pending + a2·pendingKTokens + a3·promptKTokens
 //	TPOT = b0 + b1·running
 //
 // "pending" are the requests in flight at the backend that have not had
@@ -48,7 +48,7 @@ const (
 	tpotDims      = 2
 	warmupSamples = 12
 	clipSigmas    = 3.0
-	maxTrace      = 1e4
+	maxTrace      = 1e3
 	staleAfter    = 30 * time.Second
 	errWindow     = 128
 )
@@ -59,6 +59,8 @@ type LoadState struct {
 	InflightTokens float64 // their estimated tokens (prompt + expected output)
 	Pending        float64 // of the requests in flight, those without a first token yet
 	PendingTokens  float64 // their prompt tokens
+	PendingAge     float64 // how long they have waited so far, on average, in seconds
+	QueueWait      float64 // anticipated wait for a batch slot, in seconds (see Backend.State)
 }
 
 // Observation is one finished attempt, as the transport measured it.
@@ -123,7 +125,7 @@ func (r *rls) update(x *[ttftDims]float64, y, lambda float64) {
 	var trace float64
 	for i := 0; i < d; i++ {
 		k := px[i] / denom
-		r.theta[i] += k * e
+		r.theta[i] = max(r.theta[i]+k*e, 0) // see "slopes" above
 		for j := 0; j < d; j++ {
 			r.p[i][j] = (r.p[i][j] - k*px[j]) / lambda
 		}
@@ -214,6 +216,11 @@ func tpotFeatures(s LoadState) [ttftDims]float64 {
 
 func running(s LoadState) float64 { return max(s.Inflight-s.Pending, 0) }
 
+// queueing is the observed or anticipated wait before the engine starts a
+// request: whichever of the pending requests' age and the batch-slot
+// estimate is larger.
+func queueing(s LoadState) float64 { return max(s.PendingAge, s.QueueWait) }
+
 // Prediction is the model's estimate for one request on one backend.
 type Prediction struct {
 	TTFT time.Duration
@@ -261,6 +268,7 @@ func (m *Model) predictSeconds(s LoadState, promptTokens int, prior *Prior, now 
 	for i := 0; i < ttftDims; i++ {
 		ttft += math.Float64frombits(m.coef[i].Load()) * x[i]
 	}
+	ttft += queueing(s)
 	tpot = math.Float64frombits(m.coef[ttftDims].Load()) + math.Float64frombits(m.coef[ttftDims+1].Load())*running(s)
 	// a linear fit can go negative outside the region it has seen
 	ttft = max(ttft, 0.05*priorTTFT/load)
@@ -300,7 +308,7 @@ func (m *Model) Observe(o Observation, lambda float64, prior *Prior, now time.Ti
 		m.tpot = newRLS(tpotDims, []float64{pTPOT, 0})
 	}
 	x := ttftFeatures(o.State, o.PromptTokens)
-	m.ttft.update(&x, ttft, lambda)
+	m.ttft.update(&x, max(ttft-queueing(o.State), 0), lambda)
 	if tpot > 0 {
 		xt := tpotFeatures(o.State)
 		m.tpot.update(&xt, tpot, lambda)

@@ -41,6 +41,7 @@ const (
 //	    policy  ai_predictive|least_tokens|weighted_least_conn [<weights...>]
 //	    weights <w1> <w2> ...
 //	    choose  <k>|all
+//	    ttft_weight <w>
 //
 //	    # and every reverse_proxy subdirective, unchanged
 //	}
@@ -110,10 +111,11 @@ func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 
 // policyOptions are the ai_proxy subdirectives that choose the policy.
 type policyOptions struct {
-	name    string
-	weights []int
-	choose  string
-	set     bool
+	name       string
+	weights    []int
+	choose     string
+	ttftWeight *float64
+	set        bool
 }
 
 // parse consumes one of the policy subdirectives, reporting whether it was one.
@@ -169,6 +171,15 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 		if n, err := strconv.Atoi(p.choose); p.choose != "all" && (err != nil || n < 1 || n > 16) {
 			return true, d.Errf("choose: want a number from 1 to 16 or 'all', got %q", p.choose)
 		}
+	case "ttft_weight":
+		if p.ttftWeight != nil {
+			return true, d.Err("ttft_weight already specified")
+		}
+		w, err := selection.ParseTTFTWeight(d)
+		if err != nil {
+			return true, err
+		}
+		p.ttftWeight = &w
 	default:
 		return false, nil
 	}
@@ -188,7 +199,7 @@ func (p *policyOptions) selector(d *caddyfile.Dispenser, upstreams int) (json.Ra
 	var sel reverseproxy.Selector
 	switch name {
 	case "ai_predictive":
-		s := &selection.AIPredictiveSelection{Weights: p.weights}
+		s := &selection.AIPredictiveSelection{Weights: p.weights, TTFTWeight: p.ttftWeight}
 		if p.choose == "all" {
 			s.ChooseAll = true
 		} else if p.choose != "" {
@@ -206,6 +217,9 @@ func (p *policyOptions) selector(d *caddyfile.Dispenser, upstreams int) (json.Ra
 	if p.choose != "" && name != "ai_predictive" {
 		return nil, d.Errf("ai_proxy: choose applies to ai_predictive, not %s", name)
 	}
+	if p.ttftWeight != nil && name != "ai_predictive" {
+		return nil, d.Errf("ai_proxy: ttft_weight applies to ai_predictive, not %s", name)
+	}
 	return caddyconfig.JSONModuleObject(sel, "policy", name, nil), nil
 }
 
@@ -219,7 +233,7 @@ func applyDefaults(d *caddyfile.Dispenser, rp *reverseproxy.Handler, pol *policy
 	lb := rp.LoadBalancing
 	switch {
 	case lb.SelectionPolicyRaw != nil && pol.set:
-		return d.Err("ai_proxy: use either lb_policy or policy/weights/choose, not both")
+		return d.Err("ai_proxy: use either lb_policy or policy/weights/choose/ttft_weight, not both")
 	case lb.SelectionPolicyRaw == nil:
 		raw, err := pol.selector(d, len(rp.Upstreams))
 		if err != nil {

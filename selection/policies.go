@@ -43,8 +43,9 @@ const maxChoose = 16
 // least-connections.
 //
 //	lb_policy ai_predictive {
-//	    choose  <k>|all
-//	    weights <w1> <w2> ...
+//	    choose      <k>|all
+//	    weights     <w1> <w2> ...
+//	    ttft_weight <w>
 //	}
 type AIPredictiveSelection struct {
 	// How many available upstreams to sample and compare for each request.
@@ -56,16 +57,25 @@ type AIPredictiveSelection struct {
 	// an upstream of weight 2 is chosen until its predicted time is twice
 	// another's. 0 never selects the upstream. Missing weights are 1.
 	Weights []int `json:"weights,omitempty"`
-	// TTFTWeight counts the predicted time to first token this many times
-	// more in the score: score = (1+w)·TTFT + output tokens·TPOT. 0 scores
-	// by completion time alone; more favours a short wait for the first
-	// token (what a streaming user sees) over total time. Default: 0.
-	TTFTWeight float64 `json:"ttft_weight,omitempty"`
 
-	app   *aibalance.App
-	set   aibalance.BackendSet
-	clock func() time.Time
+	// For streaming requests, how many times more the predicted time to
+	// first token counts in the score: score = (1+w)·TTFT + output
+	// tokens·TPOT. A streaming user sees the first token long before the
+	// last, and queueing shows up first in the first token, so weighting it
+	// keeps requests off backends whose batch is full even when their
+	// decode speed would win on total time. Non-streaming requests are
+	// scored by completion time alone. 0 scores streams by completion time
+	// too. Default: 8.
+	TTFTWeight *float64 `json:"ttft_weight,omitempty"`
+
+	ttftWeight float64
+	app        *aibalance.App
+	set        aibalance.BackendSet
+	clock      func() time.Time
 }
+
+// DefaultTTFTWeight is ai_predictive's ttft_weight when none is set.
+const DefaultTTFTWeight = 8
 
 // CaddyModule returns the Caddy module information.
 func (*AIPredictiveSelection) CaddyModule() caddy.ModuleInfo {
@@ -80,6 +90,10 @@ func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 	if p.Choose == 0 {
 		p.Choose = 2
 	}
+	p.ttftWeight = DefaultTTFTWeight
+	if p.TTFTWeight != nil {
+		p.ttftWeight = *p.TTFTWeight
+	}
 	var err error
 	p.app, err = provisionStore(ctx, &p.set)
 	if p.clock == nil {
@@ -92,6 +106,9 @@ func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 func (p *AIPredictiveSelection) Validate() error {
 	if p.Choose < 1 || p.Choose > maxChoose {
 		return fmt.Errorf("ai_predictive: choose must be between 1 and %d (or all), got %d", maxChoose, p.Choose)
+	}
+	if p.ttftWeight < 0 || p.ttftWeight > 1000 {
+		return fmt.Errorf("ai_predictive: ttft_weight must be between 0 and 1000, got %g", p.ttftWeight)
 	}
 	return validateWeights("ai_predictive", p.Weights)
 }
@@ -111,13 +128,17 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 	f := p.app.Features(r)
 	now := p.clock()
 	prior := p.app.Prior()
+	tw := 0.0
+	if f.Stream {
+		tw = p.ttftWeight
+	}
 	score := func(i int, u *reverseproxy.Upstream) float64 {
 		b := p.set.Get(u.Dial)
-		s := b.State()
+		s := b.State(now)
 		// Caddy's own count covers requests proxied without our transport
 		s.Inflight = max(s.Inflight, float64(u.NumRequests()))
 		ttft, tpot := b.Model().PredictSeconds(s, f.PromptTokens, prior, now)
-		return ((1+p.TTFTWeight)*ttft + float64(f.OutputTokens)*tpot) / weightOf(p.Weights, i)
+		return ((1+tw)*ttft + float64(f.OutputTokens)*tpot) / weightOf(p.Weights, i)
 	}
 	if p.ChooseAll || len(pool) <= p.Choose {
 		return selectMin(pool, p.Weights, score)
@@ -128,8 +149,9 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
 //
 //	ai_predictive {
-//	    choose  <k>|all
-//	    weights <w1> <w2> ...
+//	    choose      <k>|all
+//	    weights     <w1> <w2> ...
+//	    ttft_weight <w>
 //	}
 func (p *AIPredictiveSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume policy name
@@ -166,6 +188,15 @@ func (p *AIPredictiveSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error
 				return err
 			}
 			p.Weights = w
+		case "ttft_weight":
+			if p.TTFTWeight != nil {
+				return d.Err("ttft_weight already specified")
+			}
+			w, err := ParseTTFTWeight(d)
+			if err != nil {
+				return err
+			}
+			p.TTFTWeight = &w
 		default:
 			return d.Errf("unrecognized ai_predictive subdirective %q", d.Val())
 		}
@@ -375,6 +406,21 @@ func sampleMin(pool reverseproxy.UpstreamPool, weights []int, k int, score func(
 		}
 	}
 	return best
+}
+
+// ParseTTFTWeight reads the one argument of a ttft_weight subdirective.
+func ParseTTFTWeight(d *caddyfile.Dispenser) (float64, error) {
+	if !d.NextArg() {
+		return 0, d.ArgErr()
+	}
+	w, err := strconv.ParseFloat(d.Val(), 64)
+	if err != nil || w < 0 || w > 1000 {
+		return 0, d.Errf("ttft_weight: want a number from 0 to 1000, got %q", d.Val())
+	}
+	if d.NextArg() {
+		return 0, d.ArgErr()
+	}
+	return w, nil
 }
 
 // ParseWeights reads Caddyfile weight arguments: whole numbers, 0 or more.

@@ -156,6 +156,8 @@ func TestPolicyCaddyfile(t *testing.T) {
 		{"predictive dup", "ai_predictive {\n choose 2\n choose 3\n}", new(AIPredictiveSelection), "choose already specified"},
 		{"predictive unknown", "ai_predictive {\n bogus 1\n}", new(AIPredictiveSelection), `unrecognized ai_predictive subdirective "bogus"`},
 		{"predictive args", `ai_predictive 3`, new(AIPredictiveSelection), "wrong argument count"},
+		{"predictive ttft_weight", "ai_predictive {\n ttft_weight 2.5\n}", new(AIPredictiveSelection), "ttft=2.5"},
+		{"predictive ttft_weight bad", "ai_predictive {\n ttft_weight -1\n}", new(AIPredictiveSelection), "ttft_weight: want a number from 0 to 1000"},
 		{"predictive bad weight", "ai_predictive {\n weights 1 x\n}", new(AIPredictiveSelection), `invalid weight "x"`},
 		{"least_tokens", `least_tokens 2 1`, new(LeastTokensSelection), "weights=[2 1]"},
 		{"least_tokens negative", `least_tokens -1`, new(LeastTokensSelection), `invalid weight "-1"`},
@@ -168,6 +170,9 @@ func TestPolicyCaddyfile(t *testing.T) {
 			switch m := tc.mod.(type) {
 			case *AIPredictiveSelection:
 				got = fmt.Sprintf("choose=%d all=%v weights=%v", m.Choose, m.ChooseAll, m.Weights)
+				if m.TTFTWeight != nil {
+					got += fmt.Sprintf(" ttft=%g", *m.TTFTWeight)
+				}
 			case *LeastTokensSelection:
 				got = fmt.Sprintf("weights=%v", m.Weights)
 			case *WeightedLeastConnSelection:
@@ -180,6 +185,39 @@ func TestPolicyCaddyfile(t *testing.T) {
 				t.Fatalf("got %q, want %q", got, tc.want)
 			}
 		})
+	}
+}
+
+// TestStreamsWeighFirstToken: one backend decodes fast but its first token
+// comes late (a queue); the other starts at once but decodes slowly. A
+// streaming request goes to the quick starter, a non-streaming one (scored by
+// completion time alone) to the fast decoder.
+func TestStreamsWeighFirstToken(t *testing.T) {
+	p := newPredictive(2, true)
+	p.ttftWeight = DefaultTTFTWeight
+	defer p.set.Release()
+	pool := testPool(t, 2)
+	now := time.Now()
+	for i := 0; i < 40; i++ {
+		for j, o := range []aibalance.Outcome{
+			{Status: 200, TTFT: 800 * time.Millisecond, E2E: 800*time.Millisecond + 99*10*time.Millisecond, OutputTokens: 100},
+			{Status: 200, TTFT: 20 * time.Millisecond, E2E: 20*time.Millisecond + 99*25*time.Millisecond, OutputTokens: 100},
+		} {
+			a := p.set.Get(pool[j].Dial).Begin(&aibalance.Features{PromptTokens: 100, OutputTokens: 100}, p.app.Prior(), now)
+			a.FirstToken()
+			a.End(o, p.app.Lambda(), p.app.Prior(), now)
+		}
+	}
+	req := func(stream bool) *http.Request {
+		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
+			strings.NewReader(fmt.Sprintf(`{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":%v}`, stream)))
+		return r.WithContext(withVars(r))
+	}
+	if u := p.Select(pool, req(true), nil); u != pool[1] {
+		t.Fatalf("streaming request went to %s, want the backend with the quick first token", u.Dial)
+	}
+	if u := p.Select(pool, req(false), nil); u != pool[0] {
+		t.Fatalf("non-streaming request went to %s, want the backend that finishes first", u.Dial)
 	}
 }
 

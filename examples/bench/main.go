@@ -76,8 +76,7 @@ func main() {
 		{"weighted_round_robin", map[string]any{"policy": "weighted_round_robin", "weights": capWeights}, false},
 		{"ai_predictive", map[string]any{"policy": "ai_predictive"}, true},
 		{"ai_predictive (choose all)", map[string]any{"policy": "ai_predictive", "choose_all": true}, true},
-		{"ai_predictive (ttft_weight 4)", map[string]any{"policy": "ai_predictive", "ttft_weight": 4}, true},
-		{"ai_predictive (ttft_weight 16)", map[string]any{"policy": "ai_predictive", "ttft_weight": 16}, true},
+		{"ai_predictive (ttft_weight 0)", map[string]any{"policy": "ai_predictive", "ttft_weight": 0}, true},
 		{"least_tokens", map[string]any{"policy": "least_tokens"}, true},
 		{"weighted_least_conn", map[string]any{"policy": "weighted_least_conn", "weights": capWeights}, false},
 	}
