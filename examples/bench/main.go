@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"strings"
@@ -51,8 +52,18 @@ func main() {
 	overhead := flag.Bool("overhead", false, "measure proxy overhead on tiny responses instead")
 	conc := flag.Int("concurrency", 32, "client connections for -overhead")
 	flag.BoolVar(&detail, "detail", false, "after each row, print per-backend TTFT percentiles and the slowest first tokens")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
 	flag.Parse()
 
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		_ = pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
 	if *overhead {
 		runOverhead(*duration, *conc)
 		return
