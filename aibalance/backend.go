@@ -37,6 +37,7 @@ type Backend struct {
 	outputTokens atomic.Uint64
 	e2eNanos     atomic.Int64 // summed over successful attempts
 	ttftNanos    atomic.Int64
+	headerNanos  atomic.Int64
 	retryAfter   atomic.Int64 // unix ns until which the backend asked not to be sent more (429/503 Retry-After)
 
 	model Model
@@ -149,6 +150,7 @@ type Outcome struct {
 	StreamError  bool          // the response body ended with an error
 	Canceled     bool          // the client or Caddy stopped the attempt, not the backend
 	RetryAfter   time.Duration // from a 429/503 response's Retry-After
+	Headers      time.Duration // to the response headers; 0 if none came
 	TTFT         time.Duration // to first token / first body byte; 0 if none
 	E2E          time.Duration // to the end of the body
 	OutputTokens int
@@ -195,6 +197,7 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 			ewmaAtomic(&b.e2eEWMA, o.E2E.Seconds())
 		}
 		b.ttftNanos.Add(int64(o.TTFT))
+		b.headerNanos.Add(int64(o.Headers))
 		if !o.StreamError && !o.Canceled && o.TTFT > 0 {
 			b.model.Observe(Observation{
 				State:        a.state,
@@ -228,8 +231,9 @@ type BackendStats struct {
 	StreamErrors   uint64        `json:"stream_errors"`
 	PromptTokens   uint64        `json:"prompt_tokens"`
 	OutputTokens   uint64        `json:"output_tokens"`
-	MeanE2E        time.Duration `json:"mean_e2e_ns"`  // of successful attempts
-	MeanTTFT       time.Duration `json:"mean_ttft_ns"` // of successful attempts
+	MeanE2E        time.Duration `json:"mean_e2e_ns"`     // of successful attempts
+	MeanTTFT       time.Duration `json:"mean_ttft_ns"`    // of successful attempts
+	MeanHeaders    time.Duration `json:"mean_headers_ns"` // time to response headers, of successful attempts
 	RetryAfter     time.Time     `json:"retry_after,omitzero"`
 	Model          ModelStats    `json:"model"`
 }
@@ -259,6 +263,7 @@ func (b *Backend) Stats() BackendStats {
 	if n := int64(s.Status2xx); n > 0 {
 		s.MeanE2E = time.Duration(b.e2eNanos.Load() / n)
 		s.MeanTTFT = time.Duration(b.ttftNanos.Load() / n)
+		s.MeanHeaders = time.Duration(b.headerNanos.Load() / n)
 	}
 	if ra := b.retryAfter.Load(); ra > 0 {
 		s.RetryAfter = time.Unix(0, ra)

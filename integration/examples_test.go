@@ -43,6 +43,25 @@ func TestQuickstartStreams(t *testing.T) {
 	}
 }
 
+// TestLongFormExample starts the long-form example (reverse_proxy +
+// lb_policy ai_predictive + transport aibalance) in front of simulated engines.
+func TestLongFormExample(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	p := pool(t, llmsim.Speeds(1, 1, 0.6, 0.3)...)
+	listen := port(t)
+	raw, err := os.ReadFile("../examples/longform/Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := localize(t, string(raw), p, listen)
+	tester.InitServer(globals+strings.Replace(cfg, fmt.Sprintf("127.0.0.1:%d {", listen), fmt.Sprintf("http://127.0.0.1:%d {", listen), 1), "caddyfile")
+	for _, r := range drive(t, fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen), 12, 4, 6) {
+		if r.Tokens != 6 {
+			t.Fatalf("streamed %d tokens, want 6", r.Tokens)
+		}
+	}
+}
+
 // TestJSONExample loads the pure JSON example in front of simulated engines.
 func TestJSONExample(t *testing.T) {
 	tester := caddytest.NewTester(t)

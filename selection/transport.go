@@ -123,6 +123,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		sse:        isEventStream(res.Header.Get("Content-Type")),
 		outcome: aibalance.Outcome{
 			Status:     res.StatusCode,
+			Headers:    t.clock().Sub(start),
 			RetryAfter: retryAfter(res, start),
 		},
 	}

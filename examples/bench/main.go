@@ -51,6 +51,7 @@ func main() {
 	only := flag.String("policies", "", "comma-separated subset of policies to run (default: all)")
 	overhead := flag.Bool("overhead", false, "measure proxy overhead on tiny responses instead")
 	conc := flag.Int("concurrency", 32, "client connections for -overhead")
+	rounds := flag.Int("rounds", 4, "alternating runs of each setup for -overhead")
 	flag.BoolVar(&detail, "detail", false, "after each row, print per-backend TTFT percentiles and the slowest first tokens")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
 	flag.Parse()
@@ -65,7 +66,7 @@ func main() {
 		defer pprof.StopCPUProfile()
 	}
 	if *overhead {
-		runOverhead(*duration, *conc)
+		runOverhead(*duration, *conc, max(*rounds, 1))
 		return
 	}
 	var speeds []float64
@@ -180,8 +181,8 @@ func ms(d time.Duration) string {
 }
 
 // runOverhead compares proxy throughput on tiny responses, alternating the
-// two setups twice so both see the same machine conditions.
-func runOverhead(d time.Duration, conc int) {
+// two setups round by round so both see the same machine conditions.
+func runOverhead(d time.Duration, conc, rounds int) {
 	backends := make([]string, 4)
 	for i := range backends {
 		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
@@ -204,7 +205,7 @@ func runOverhead(d time.Duration, conc int) {
 		{"transport aibalance + ai_predictive", harness.Proxy{Upstreams: backends, Policy: map[string]any{"policy": "ai_predictive"}, Transport: map[string]any{"protocol": "aibalance"}}},
 	}
 	results := make([][]float64, len(setups))
-	for round := 0; round < 2; round++ {
+	for round := 0; round < rounds; round++ {
 		for i, s := range setups {
 			port, err := harness.FreePort()
 			if err != nil {
@@ -219,13 +220,23 @@ func runOverhead(d time.Duration, conc int) {
 		}
 	}
 	_ = harness.Stop()
-	fmt.Printf("# Proxy overhead, %s\n\nTiny JSON responses from 4 local backends, %d keep-alive client connections, %v per run, 2 alternating runs each; %d CPUs, %s.\n\n",
-		time.Now().UTC().Format("2006-01-02"), conc, d, runtime.NumCPU(), runtime.Version())
-	fmt.Println("| setup | req/s (run 1) | req/s (run 2) | mean | vs stock |")
-	fmt.Println("|---|---|---|---|---|")
-	mean := func(v []float64) float64 { return (v[0] + v[1]) / 2 }
+	fmt.Printf("# Proxy overhead, %s\n\nTiny JSON responses from 4 local backends, %d keep-alive client connections, %d alternating runs of %v per setup; %d CPUs, %s.\n\n",
+		time.Now().UTC().Format("2006-01-02"), conc, rounds, d, runtime.NumCPU(), runtime.Version())
+	fmt.Println("| setup | req/s per run | mean | vs stock |")
+	fmt.Println("|---|---|---|---|")
+	mean := func(v []float64) float64 {
+		var sum float64
+		for _, x := range v {
+			sum += x
+		}
+		return sum / float64(len(v))
+	}
 	for i, s := range setups {
-		fmt.Printf("| %s | %.0f | %.0f | %.0f | %.1f%% |\n", s.name, results[i][0], results[i][1], mean(results[i]), 100*mean(results[i])/mean(results[0]))
+		runs := make([]string, len(results[i]))
+		for j, v := range results[i] {
+			runs[j] = fmt.Sprintf("%.0f", v)
+		}
+		fmt.Printf("| %s | %s | %.0f | %.1f%% |\n", s.name, strings.Join(runs, ", "), mean(results[i]), 100*mean(results[i])/mean(results[0]))
 	}
 }
 
