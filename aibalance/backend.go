@@ -12,8 +12,7 @@ import (
 // its fields are updated with atomics or the model's own lock: no lock is
 // shared between backends.
 type Backend struct {
-	addr    string
-	created time.Time
+	addr string
 
 	inflight       atomic.Int64
 	inflightTokens atomic.Int64
@@ -43,8 +42,8 @@ type Backend struct {
 	model Model
 }
 
-func newBackend(addr string, now time.Time) *Backend {
-	return &Backend{addr: addr, created: now}
+func newBackend(addr string) *Backend {
+	return &Backend{addr: addr}
 }
 
 // Addr is the dial address the backend is keyed by.

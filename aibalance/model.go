@@ -36,8 +36,10 @@ import (
 //     by the backend's own load), so a new backend is tried at once but
 //     cannot be flooded: its predicted time grows with every request sent.
 //   - staleness: confidence decays when a backend has not been observed for a
-//     while, pulling it back toward the prior so a backend once judged slow
-//     is explored again instead of starved forever.
+//     while, pulling it halfway back toward the prior, so a backend once
+//     judged slow is explored again when the others are loaded instead of
+//     starved forever, without being mistaken for an average one (exploring
+//     a slow backend with a long prompt is what costs the tail).
 //   - outliers: residuals are clipped at clipSigmas running deviations
 //     (Huber-style) before they update the fit.
 //   - windup: with forgetting and little variation in the inputs the
@@ -50,6 +52,7 @@ const (
 	clipSigmas    = 3.0
 	maxTrace      = 1e3
 	staleAfter    = 30 * time.Second
+	minStaleTrust = 0.5 // a stale backend is predicted halfway between what it was and the prior
 	errWindow     = 128
 )
 
@@ -276,7 +279,7 @@ func (m *Model) predictSeconds(s LoadState, promptTokens int, prior *Prior, now 
 
 	w := min(float64(n)/warmupSamples, 1)
 	if age := now.UnixNano() - m.lastSeen.Load(); age > int64(staleAfter) {
-		w *= float64(staleAfter) / float64(age)
+		w *= max(float64(staleAfter)/float64(age), minStaleTrust)
 	}
 	if w < 1 {
 		ttft = w*ttft + (1-w)*priorTTFT

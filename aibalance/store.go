@@ -3,7 +3,6 @@ package aibalance
 import (
 	"sort"
 	"sync"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -22,7 +21,7 @@ var prior Prior
 // acquireBackend takes a reference to the backend at addr, creating it.
 func acquireBackend(addr string) *Backend {
 	v, _, _ := backends.LoadOrNew(addr, func() (caddy.Destructor, error) {
-		return newBackend(addr, time.Now()), nil
+		return newBackend(addr), nil
 	})
 	return v.(*Backend)
 }
