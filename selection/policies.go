@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -27,13 +28,17 @@ const maxChoose = 16
 // predicted to complete it soonest: for each candidate, the upstream's
 // learned latency model (see package aibalance) predicts time to first token
 // plus this request's expected output tokens times the time per output
-// token, given the upstream's requests and tokens in flight and this
-// request's prompt size. The prediction is divided by the upstream's weight.
+// token, given the upstream's queue, batch and pending prompt tokens and
+// this request's prompt size. For streaming requests the time to first
+// token counts ttft_weight more times (see TTFTWeight). The score is
+// divided by the upstream's weight.
 //
-// Candidates are k upstreams sampled at random among the available ones
-// (power of k choices; Mitzenmacher, "The Power of Two Choices in Randomized
-// Load Balancing"), which keeps the cost O(k) and spreads simultaneous
-// decisions of several Caddy instances; or all of them with `choose all`.
+// Candidates are k upstreams sampled at random among the available ones plus
+// the previous winner (power of k choices with memory; Mitzenmacher, "The
+// Power of Two Choices in Randomized Load Balancing", and Mitzenmacher,
+// Prabhakar and Shah, "Load balancing with memory"), which keeps the cost
+// O(k) and spreads simultaneous decisions of several Caddy instances; or all
+// of them with `choose all`.
 // Ties are broken at random. Upstreams the model has not learned yet are
 // predicted from pool-wide averages scaled by their own load, so a new
 // upstream is tried at once but not flooded.
@@ -69,6 +74,7 @@ type AIPredictiveSelection struct {
 	TTFTWeight *float64 `json:"ttft_weight,omitempty"`
 
 	ttftWeight float64
+	last       atomic.Int64 // index+1 of the previous winner, for sampleMin
 	app        *aibalance.App
 	set        aibalance.BackendSet
 	clock      func() time.Time
@@ -143,7 +149,7 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 	if p.ChooseAll || len(pool) <= p.Choose {
 		return selectMin(pool, p.Weights, score)
 	}
-	return sampleMin(pool, p.Weights, p.Choose, score)
+	return sampleMin(pool, p.Weights, p.Choose, &p.last, score)
 }
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
@@ -372,14 +378,23 @@ func selectMin(pool reverseproxy.UpstreamPool, weights []int, score func(int, *r
 	return best
 }
 
-// sampleMin draws k distinct eligible upstreams at random and returns the
-// one with the lowest score. Drawing indices (not scanning) keeps it O(k)
-// when most upstreams are available; when too few are found after a bounded
-// number of draws it falls back to a full scan.
-func sampleMin(pool reverseproxy.UpstreamPool, weights []int, k int, score func(int, *reverseproxy.Upstream) float64) *reverseproxy.Upstream {
-	var picked [maxChoose]int
+// sampleMin draws k distinct eligible upstreams at random, adds the one that
+// won the previous draw (power of k choices with memory: Mitzenmacher,
+// Prabhakar and Shah, "Load balancing with memory", FOCS 2002), and returns
+// the one with the lowest score. The memory keeps a draw of only slow or busy
+// upstreams from being forced on a request, which matters in the small,
+// uneven pools LLM fleets are; drawing indices (not scanning) keeps it O(k).
+// When too few are found after a bounded number of draws it falls back to a
+// full scan.
+func sampleMin(pool reverseproxy.UpstreamPool, weights []int, k int, memory *atomic.Int64, score func(int, *reverseproxy.Upstream) float64) *reverseproxy.Upstream {
+	var picked [maxChoose + 1]int
 	n := 0
-	for tries := 0; n < k && tries < 4*k+8; tries++ {
+	if last := int(memory.Load()) - 1; last >= 0 && last < len(pool) && eligible(weights, last, pool[last]) {
+		picked[0] = last
+		n = 1
+	}
+	want := n + k
+	for tries := 0; n < want && tries < 4*k+8; tries++ {
 		i := rand.IntN(len(pool))
 		dup := false
 		for _, j := range picked[:n] {
@@ -394,18 +409,18 @@ func sampleMin(pool reverseproxy.UpstreamPool, weights []int, k int, score func(
 		picked[n] = i
 		n++
 	}
-	if n < k {
+	if n < min(k, len(pool)) {
 		return selectMin(pool, weights, score)
 	}
-	var best *reverseproxy.Upstream
-	var bestScore float64
+	bestIdx, bestScore := -1, 0.0
 	for _, i := range picked[:n] {
-		// drawn in random order, so strict < breaks ties at random
-		if s := score(i, pool[i]); best == nil || s < bestScore {
-			best, bestScore = pool[i], s
+		// the random draws come in random order; strict < breaks their ties at random
+		if s := score(i, pool[i]); bestIdx < 0 || s < bestScore {
+			bestIdx, bestScore = i, s
 		}
 	}
-	return best
+	memory.Store(int64(bestIdx) + 1)
+	return pool[bestIdx]
 }
 
 // ParseTTFTWeight reads the one argument of a ttft_weight subdirective.
