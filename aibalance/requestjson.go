@@ -30,21 +30,22 @@ func (p *prefixHasher) write(b []byte) {
 	if p.n >= MaxPrefixBlocks || p.blockSize <= 0 {
 		return
 	}
-	h := p.h
+	// locals, so the byte loop runs in registers
+	h, left := p.h, p.left
 	for _, c := range b {
 		h ^= uint64(c)
 		h *= fnvPrime
-		p.left--
-		if p.left == 0 {
+		left--
+		if left == 0 {
 			p.hashes[p.n] = h
 			p.n++
 			if p.n == MaxPrefixBlocks {
 				break
 			}
-			p.left = p.blockSize
+			left = p.blockSize
 		}
 	}
-	p.h = h
+	p.h, p.left = h, left
 }
 
 type requestScanner struct {

@@ -128,7 +128,7 @@ func run(ctx context.Context, o options) (map[string]int, error) {
 		if o.live && lines > 0 && !final {
 			fmt.Fprintf(o.out, "\033[%dA", lines)
 		}
-		lines = render(o.out, pool, o.speeds, failed)
+		lines = render(o.out, pool, o.speeds, failed, o.live)
 	}
 loop:
 	for {
@@ -158,7 +158,11 @@ loop:
 // render writes the distribution table and returns how many lines it wrote.
 // Shares are what each engine completed; in-flight, latency and the learned
 // speed come from the balancer's own store.
-func render(out io.Writer, pool *llmsim.Pool, speeds []float64, failed int) int {
+func render(out io.Writer, pool *llmsim.Pool, speeds []float64, failed int, live bool) int {
+	eol := "\n"
+	if live {
+		eol = "\033[K\n" // clear the rest of a redrawn line
+	}
 	total := 0
 	done := make([]int, len(pool.Servers))
 	for i, s := range pool.Servers {
@@ -166,7 +170,7 @@ func render(out io.Writer, pool *llmsim.Pool, speeds []float64, failed int) int 
 		total += done[i]
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "Request Distribution Active: %s completed, %d failed\033[K\n", humanize.Comma(int64(total)), failed)
+	fmt.Fprintf(&b, "Request Distribution Active: %s completed, %d failed%s", humanize.Comma(int64(total)), failed, eol)
 	for i, s := range pool.Servers {
 		share := 0.0
 		if total > 0 {
@@ -185,8 +189,8 @@ func render(out io.Writer, pool *llmsim.Pool, speeds []float64, failed int) int 
 			}
 		}
 		bar := strings.Repeat("█", int(share*30+0.5))
-		fmt.Fprintf(&b, "Server %d  speed %.1f×  %5.1f%% %-30s  in-flight %3d  mean latency %7s  learned %s\033[K\n",
-			i+1, speeds[i], 100*share, bar, inflight, latency, learned)
+		fmt.Fprintf(&b, "Server %d  speed %.1f×  %5.1f%% %-30s  in-flight %3d  mean latency %7s  learned %s%s",
+			i+1, speeds[i], 100*share, bar, inflight, latency, learned, eol)
 	}
 	fmt.Fprint(out, b.String())
 	return len(pool.Servers) + 1
