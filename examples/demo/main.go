@@ -50,7 +50,7 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 30*time.Second, "how long to drive load")
 	flag.Float64Var(&o.load, "load", 0.7, "offered load as a fraction of the pool's capacity")
 	flag.BoolVar(&o.keep, "keep", false, "keep serving after the load ends, until Ctrl-C")
-	flag.BoolVar(&o.live, "live", true, "redraw the live view in place (ANSI)")
+	flag.BoolVar(&o.live, "live", isTerminal(os.Stdout), "redraw the live view in place (ANSI); default: when writing to a terminal")
 	flag.Parse()
 	for _, f := range strings.Split(*speeds, ",") {
 		s, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
@@ -66,6 +66,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
+}
+
+func isTerminal(f *os.File) bool {
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }
 
 // run does the demo and returns the requests completed per backend.
