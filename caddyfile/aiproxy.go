@@ -135,28 +135,14 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 			return true, d.Errf("unknown ai_proxy policy %q: want ai_predictive, least_tokens or weighted_least_conn (or use lb_policy for Caddy's own)", p.name)
 		}
 		if args := d.RemainingArgs(); len(args) > 0 {
-			if p.weights != nil {
-				return true, d.Err("weights already specified")
-			}
-			w, err := selection.ParseWeights(d, args)
-			if err != nil {
-				return true, err
-			}
-			p.weights = w
+			return true, p.setWeights(d, args)
 		}
 	case "weights":
-		if p.weights != nil {
-			return true, d.Err("weights already specified")
-		}
 		args := d.RemainingArgs()
 		if len(args) == 0 {
 			return true, d.ArgErr()
 		}
-		w, err := selection.ParseWeights(d, args)
-		if err != nil {
-			return true, err
-		}
-		p.weights = w
+		return true, p.setWeights(d, args)
 	case "choose":
 		if p.choose != "" {
 			return true, d.Err("choose already specified")
@@ -185,6 +171,20 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 	}
 	p.set = true
 	return true, nil
+}
+
+// setWeights takes weights given either after `policy <name>` or by `weights`.
+func (p *policyOptions) setWeights(d *caddyfile.Dispenser, args []string) error {
+	if p.weights != nil {
+		return d.Err("weights already specified")
+	}
+	w, err := selection.ParseWeights(d, args)
+	if err != nil {
+		return err
+	}
+	p.weights = w
+	p.set = true
+	return nil
 }
 
 // selector builds the selection policy module the options describe.
