@@ -6,6 +6,7 @@ package aicaddyfile
 import (
 	"encoding/json"
 	"strconv"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -32,6 +33,10 @@ const (
 	// DefaultRetryMatch retries answers that mean "try another backend",
 	// given before any byte went to the client.
 	DefaultRetryMatch = "{http.reverse_proxy.status_code} in [429, 502, 503]"
+	// DefaultFailDuration turns on Caddy's passive health checks: a backend
+	// that cannot be reached (dial error, timeout) is skipped this long, so
+	// the retry and the next requests go elsewhere.
+	DefaultFailDuration = caddy.Duration(10 * time.Second)
 )
 
 // parseAIProxy sets up a reverse_proxy for LLM inference backends. Syntax:
@@ -57,6 +62,7 @@ const (
 //	    lb_retry_match {
 //	        expression `{rp.status_code} in [429, 502, 503]`
 //	    }
+//	    fail_duration 10s
 //	}
 //
 // Any of these the block sets itself wins. A `transport` other than
@@ -247,6 +253,12 @@ func applyDefaults(d *caddyfile.Dispenser, rp *reverseproxy.Handler, pol *policy
 	if lb.RetryMatchRaw == nil {
 		expr, _ := json.Marshal(DefaultRetryMatch)
 		lb.RetryMatchRaw = caddyhttp.RawMatcherSets{caddy.ModuleMap{"expression": expr}}
+	}
+	if rp.HealthChecks == nil {
+		rp.HealthChecks = new(reverseproxy.HealthChecks)
+	}
+	if rp.HealthChecks.Passive == nil {
+		rp.HealthChecks.Passive = &reverseproxy.PassiveHealthChecks{FailDuration: DefaultFailDuration}
 	}
 	if rp.FlushInterval == 0 {
 		rp.FlushInterval = caddy.Duration(-1)

@@ -82,3 +82,22 @@ func TestJSONExample(t *testing.T) {
 	url := startExample(t, readExample(t, "../examples/json/caddy.json"), "json")
 	drive(t, url, 8, 4, 5)
 }
+
+// TestAIProxyFailsOver: one engine of the pool is down (connections refused).
+// ai_proxy's defaults (dial errors retried, passive health checks) serve
+// every request from the others.
+func TestAIProxyFailsOver(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	p := pool(t, llmsim.Speeds(1, 1, 1)...)
+	p.Servers[0].Stop()
+	listen := port(t)
+	tester.InitServer(fmt.Sprintf("%s\nhttp://127.0.0.1:%d {\n\tai_proxy %s\n}", globals, listen, upstreams(p)), "caddyfile")
+	drive(t, fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen), 30, 6, 4)
+	st := 0
+	for _, s := range p.Servers[1:] {
+		st += int(s.Stats().Completed)
+	}
+	if st != 30 {
+		t.Fatalf("the live engines completed %d of 30 requests", st)
+	}
+}
