@@ -234,7 +234,7 @@ type Prediction struct {
 // Predict estimates TTFT, time per output token and completion time of a
 // request with the given prompt and output tokens on a backend in state s.
 func (m *Model) Predict(s LoadState, promptTokens, outputTokens int, prior *Prior, now time.Time) Prediction {
-	ttft, tpot := m.predictSeconds(s, promptTokens, prior, now)
+	ttft, tpot := m.PredictSeconds(s, promptTokens, prior, now)
 	e2e := ttft + float64(outputTokens)*tpot
 	return Prediction{
 		TTFT: secondsToDuration(ttft),
@@ -243,19 +243,9 @@ func (m *Model) Predict(s LoadState, promptTokens, outputTokens int, prior *Prio
 	}
 }
 
-// PredictE2E is Predict's completion time in seconds, for the hot path.
-func (m *Model) PredictE2E(s LoadState, promptTokens, outputTokens int, prior *Prior, now time.Time) float64 {
-	ttft, tpot := m.predictSeconds(s, promptTokens, prior, now)
-	return ttft + float64(outputTokens)*tpot
-}
-
 // PredictSeconds is Predict's TTFT and time per output token in seconds,
 // for the hot path.
 func (m *Model) PredictSeconds(s LoadState, promptTokens int, prior *Prior, now time.Time) (ttft, tpot float64) {
-	return m.predictSeconds(s, promptTokens, prior, now)
-}
-
-func (m *Model) predictSeconds(s LoadState, promptTokens int, prior *Prior, now time.Time) (ttft, tpot float64) {
 	pTTFT, pTPOT := prior.values()
 	load := s.Inflight + 1
 	// the prior: pool averages, scaled by this backend's own load, so that

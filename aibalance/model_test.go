@@ -58,8 +58,8 @@ func TestModelColdStartAndStaleness(t *testing.T) {
 	var m Model
 	var p Prior
 	now := time.Unix(1000, 0)
-	idle := m.PredictE2E(LoadState{}, 100, 100, &p, now)
-	busy := m.PredictE2E(LoadState{Inflight: 10}, 100, 100, &p, now)
+	idle := m.Predict(LoadState{}, 100, 100, &p, now).E2E.Seconds()
+	busy := m.Predict(LoadState{Inflight: 10}, 100, 100, &p, now).E2E.Seconds()
 	if idle <= 0 || busy < 5*idle {
 		t.Fatalf("cold model: idle %.3fs, 10 in flight %.3fs; want a prior that grows with load", idle, busy)
 	}
@@ -72,8 +72,8 @@ func TestModelColdStartAndStaleness(t *testing.T) {
 	for i := 0; i < 300; i++ {
 		fast.Observe(Observation{OutputTokens: 100, TTFT: 50 * time.Millisecond, E2E: time.Second}, 0.99, &p, now)
 	}
-	slow := m.PredictE2E(LoadState{}, 100, 100, &p, now)
-	later := m.PredictE2E(LoadState{}, 100, 100, &p, now.Add(10*time.Minute))
+	slow := m.Predict(LoadState{}, 100, 100, &p, now).E2E.Seconds()
+	later := m.Predict(LoadState{}, 100, 100, &p, now.Add(10*time.Minute)).E2E.Seconds()
 	if !(later < slow*0.6) || !(later > slow*0.4) {
 		t.Fatalf("a backend unobserved for 10 minutes predicted %.1fs (was %.1fs): want it halfway back to the fast pool's prior", later, slow)
 	}
@@ -88,6 +88,6 @@ func BenchmarkPredict(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		_ = m.PredictE2E(LoadState{Inflight: 3, InflightTokens: 4000}, 500, 200, &p, now)
+		_, _ = m.PredictSeconds(LoadState{Inflight: 3, InflightTokens: 4000}, 500, &p, now)
 	}
 }
