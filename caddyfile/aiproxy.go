@@ -5,7 +5,6 @@ package aicaddyfile
 
 import (
 	"encoding/json"
-	"strconv"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -119,7 +118,8 @@ func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 type policyOptions struct {
 	name       string
 	weights    []int
-	choose     string
+	choose     int // 0: not set
+	chooseAll  bool
 	ttftWeight *float64
 	set        bool
 }
@@ -150,18 +150,12 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 		}
 		return true, p.setWeights(d, args)
 	case "choose":
-		if p.choose != "" {
+		if p.choose != 0 || p.chooseAll {
 			return true, d.Err("choose already specified")
 		}
-		if !d.NextArg() {
-			return true, d.ArgErr()
-		}
-		p.choose = d.Val()
-		if d.NextArg() {
-			return true, d.ArgErr()
-		}
-		if n, err := strconv.Atoi(p.choose); p.choose != "all" && (err != nil || n < 1 || n > 16) {
-			return true, d.Errf("choose: want a number from 1 to 16 or 'all', got %q", p.choose)
+		var err error
+		if p.choose, p.chooseAll, err = selection.ParseChoose(d); err != nil {
+			return true, err
 		}
 	case "ttft_weight":
 		if p.ttftWeight != nil {
@@ -205,13 +199,7 @@ func (p *policyOptions) selector(d *caddyfile.Dispenser, upstreams int) (json.Ra
 	var sel reverseproxy.Selector
 	switch name {
 	case "ai_predictive":
-		s := &selection.AIPredictiveSelection{Weights: p.weights, TTFTWeight: p.ttftWeight}
-		if p.choose == "all" {
-			s.ChooseAll = true
-		} else if p.choose != "" {
-			s.Choose, _ = strconv.Atoi(p.choose)
-		}
-		sel = s
+		sel = &selection.AIPredictiveSelection{Choose: p.choose, ChooseAll: p.chooseAll, Weights: p.weights, TTFTWeight: p.ttftWeight}
 	case "least_tokens":
 		sel = &selection.LeastTokensSelection{Weights: p.weights}
 	case "weighted_least_conn":
@@ -220,7 +208,7 @@ func (p *policyOptions) selector(d *caddyfile.Dispenser, upstreams int) (json.Ra
 		}
 		sel = &selection.WeightedLeastConnSelection{Weights: p.weights}
 	}
-	if p.choose != "" && name != "ai_predictive" {
+	if (p.choose != 0 || p.chooseAll) && name != "ai_predictive" {
 		return nil, d.Errf("ai_proxy: choose applies to ai_predictive, not %s", name)
 	}
 	if p.ttftWeight != nil && name != "ai_predictive" {

@@ -170,20 +170,9 @@ func (p *AIPredictiveSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error
 			if p.Choose != 0 || p.ChooseAll {
 				return d.Err("choose already specified")
 			}
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			if d.Val() == "all" {
-				p.ChooseAll = true
-			} else {
-				n, err := strconv.Atoi(d.Val())
-				if err != nil || n < 1 || n > maxChoose {
-					return d.Errf("choose: want a number from 1 to %d or 'all', got %q", maxChoose, d.Val())
-				}
-				p.Choose = n
-			}
-			if d.NextArg() {
-				return d.ArgErr()
+			var err error
+			if p.Choose, p.ChooseAll, err = ParseChoose(d); err != nil {
+				return err
 			}
 		case "weights":
 			if p.Weights != nil {
@@ -421,6 +410,23 @@ func sampleMin(pool reverseproxy.UpstreamPool, weights []int, k int, memory *ato
 	}
 	memory.Store(int64(bestIdx) + 1)
 	return pool[bestIdx]
+}
+
+// ParseChoose reads the one argument of a choose subdirective: a number of
+// candidates from 1 to 16, or all.
+func ParseChoose(d *caddyfile.Dispenser) (k int, all bool, err error) {
+	if !d.NextArg() {
+		return 0, false, d.ArgErr()
+	}
+	if d.Val() == "all" {
+		all = true
+	} else if k, err = strconv.Atoi(d.Val()); err != nil || k < 1 || k > maxChoose {
+		return 0, false, d.Errf("choose: want a number from 1 to %d or 'all', got %q", maxChoose, d.Val())
+	}
+	if d.NextArg() {
+		return 0, false, d.ArgErr()
+	}
+	return k, all, nil
 }
 
 // ParseTTFTWeight reads the one argument of a ttft_weight subdirective.
