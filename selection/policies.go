@@ -178,7 +178,11 @@ func (p *AIPredictiveSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error
 			if p.Weights != nil {
 				return d.Err("weights already specified")
 			}
-			w, err := ParseWeights(d, d.RemainingArgs())
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			w, err := ParseWeights(d, args)
 			if err != nil {
 				return err
 			}

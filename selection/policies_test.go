@@ -158,6 +158,7 @@ func TestPolicyCaddyfile(t *testing.T) {
 		{"predictive args", `ai_predictive 3`, new(AIPredictiveSelection), "wrong argument count"},
 		{"predictive ttft_weight", "ai_predictive {\n ttft_weight 2.5\n}", new(AIPredictiveSelection), "ttft=2.5"},
 		{"predictive ttft_weight bad", "ai_predictive {\n ttft_weight -1\n}", new(AIPredictiveSelection), "ttft_weight: want a number from 0 to 1000"},
+		{"predictive empty weights", "ai_predictive {\n weights\n}", new(AIPredictiveSelection), "wrong argument count"},
 		{"predictive bad weight", "ai_predictive {\n weights 1 x\n}", new(AIPredictiveSelection), `invalid weight "x"`},
 		{"least_tokens", `least_tokens 2 1`, new(LeastTokensSelection), "weights=[2 1]"},
 		{"least_tokens negative", `least_tokens -1`, new(LeastTokensSelection), `invalid weight "-1"`},
