@@ -192,12 +192,14 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 		b.promptTokens.Add(uint64(max(a.prompt, 0)))
 		b.outputTokens.Add(uint64(max(o.OutputTokens, 0)))
 		b.e2eNanos.Add(int64(o.E2E))
-		if !o.StreamError && !o.Canceled {
-			ewmaAtomic(&b.e2eEWMA, o.E2E.Seconds())
-		}
 		b.ttftNanos.Add(int64(o.TTFT))
 		b.headerNanos.Add(int64(o.Headers))
-		if !o.StreamError && !o.Canceled && o.TTFT > 0 {
+		// only complete answers say how fast the backend is
+		complete := !o.StreamError && !o.Canceled
+		if complete {
+			ewmaAtomic(&b.e2eEWMA, o.E2E.Seconds())
+		}
+		if complete && o.TTFT > 0 {
 			b.model.Observe(Observation{
 				State:        a.state,
 				PromptTokens: a.prompt,

@@ -103,7 +103,8 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 
 	res, err := t.HTTPTransport.RoundTrip(req)
 	if err != nil {
-		o := aibalance.Outcome{E2E: t.clock().Sub(start)}
+		now := t.clock()
+		o := aibalance.Outcome{E2E: now.Sub(start)}
 		var ne net.Error
 		switch {
 		case errors.As(err, new(reverseproxy.DialError)):
@@ -113,7 +114,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		case ctx.Err() != nil:
 			o.Canceled = true
 		}
-		att.End(o, t.app.Lambda(), t.app.Prior(), t.clock())
+		att.End(o, t.app.Lambda(), t.app.Prior(), now)
 		return nil, err // unchanged: Caddy decides retries by its type
 	}
 	ob := &observedBody{
