@@ -39,7 +39,8 @@ type Backend struct {
 	headerNanos  atomic.Int64
 	retryAfter   atomic.Int64 // unix ns until which the backend asked not to be sent more (429/503 Retry-After)
 
-	model Model
+	model  Model
+	engine engineState
 }
 
 func newBackend(addr string) *Backend {

@@ -1,0 +1,61 @@
+package aibalance
+
+import (
+	"math"
+	"sync/atomic"
+	"time"
+)
+
+// EngineMetrics is what an inference engine reports about itself on its
+// Prometheus endpoint, read by a scraper (package healthcheck): its queue,
+// its running batch and its KV cache use. A value the engine does not
+// export has its Has flag false. At is when the values were read; values
+// older than their scraper's freshness window are ignored (see
+// Backend.Engine).
+type EngineMetrics struct {
+	Waiting    float64 // requests queued in the engine, not yet scheduled
+	Running    float64 // requests in the engine's running batch
+	KVUsage    float64 // KV cache use, 0..1
+	HasWaiting bool
+	HasRunning bool
+	HasKV      bool
+	// Engine is the engine the scraper recognised: vllm, sglang, tgi, llamacpp.
+	Engine string
+	At     time.Time
+}
+
+// engineState holds the latest engine metrics of a backend, published
+// whole through an atomic pointer so readers on the request path take no lock.
+type engineState struct {
+	latest atomic.Pointer[engineSample]
+}
+
+type engineSample struct {
+	m        EngineMetrics
+	maxAge   time.Duration
+	received time.Time
+}
+
+// SetEngine publishes fresh engine metrics for the backend. maxAge is how
+// long they may be trusted: the scraper passes a few of its intervals.
+func (b *Backend) SetEngine(m EngineMetrics, maxAge time.Duration) {
+	if m.At.IsZero() {
+		m.At = time.Now()
+	}
+	b.engine.latest.Store(&engineSample{m: m, maxAge: maxAge, received: m.At})
+}
+
+// ClearEngine forgets the backend's engine metrics (its scraper stopped).
+func (b *Backend) ClearEngine() { b.engine.latest.Store(nil) }
+
+// Engine returns the backend's latest engine metrics and whether they are
+// fresh at now. Stale metrics are returned for display but must not be used
+// for routing.
+func (b *Backend) Engine(now time.Time) (m EngineMetrics, fresh bool) {
+	s := b.engine.latest.Load()
+	if s == nil {
+		return EngineMetrics{}, false
+	}
+	age := now.Sub(s.m.At)
+	return s.m, age <= s.maxAge && age >= -time.Second && !math.IsNaN(s.m.Waiting+s.m.Running+s.m.KVUsage)
+}
