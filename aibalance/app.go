@@ -137,9 +137,6 @@ func (a *App) FeatureConfig() FeatureConfig { return a.features }
 // Lambda is the latency model's forgetting factor.
 func (a *App) Lambda() float64 { return a.lambda }
 
-// Prior is the process-wide prior of the latency model.
-func (a *App) Prior() *Prior { return &prior }
-
 // Load returns the aibalance app of ctx's config, creating it with defaults
 // if the config does not name it.
 func Load(ctx caddy.Context) (*App, error) {

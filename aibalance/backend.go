@@ -2,6 +2,7 @@ package aibalance
 
 import (
 	"math"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -9,18 +10,18 @@ import (
 // Backend is the shared state of one upstream, keyed by its dial address.
 // One exists per address per process, shared by every handler and config
 // that uses the address, and it survives config reloads (see Store). All of
-// its fields are updated with atomics or the model's own lock: no lock is
+// its fields are updated with atomics or its own small locks: no lock is
 // shared between backends.
 type Backend struct {
 	addr string
 
 	inflight       atomic.Int64
 	inflightTokens atomic.Int64
-	pending        atomic.Int64  // in flight without a first token yet
+	pending        atomic.Int64  // streams in flight without a first token yet
 	pendingTokens  atomic.Int64  // their prompt tokens
-	pendingSince   atomic.Int64  // sum of their start times, unix ns (mean age = now - sum/pending)
-	maxRunning     atomic.Int64  // most requests seen past their first token at once: the batch size, as far as seen
-	e2eEWMA        atomic.Uint64 // float64 seconds: recent completion time of successful requests
+	pendingSince   atomic.Int64  // sum of their start times, µs since epoch (mean age = now - sum/pending)
+	maxRunning     atomic.Int64  // most requests seen past their first token at once (for people; not a model input)
+	e2eEWMA        atomic.Uint64 // float64 seconds: recent completion time of successful LLM requests
 
 	requests     atomic.Uint64 // attempts finished, any outcome
 	status2xx    atomic.Uint64
@@ -39,9 +40,17 @@ type Backend struct {
 	headerNanos  atomic.Int64
 	retryAfter   atomic.Int64 // unix ns until which the backend asked not to be sent more (429/503 Retry-After)
 
+	fails  failureRate
 	model  Model
 	engine engineState
 }
+
+// epoch is the origin of pendingSince: offsets from it, in microseconds,
+// keep the sum of many start times far from overflowing an int64 (raw
+// UnixNano values overflow at six).
+var epoch = time.Now()
+
+func sinceEpoch(t time.Time) int64 { return t.Sub(epoch).Microseconds() }
 
 func newBackend(addr string) *Backend {
 	return &Backend{addr: addr}
@@ -58,7 +67,11 @@ func (b *Backend) Inflight() (requests, tokens int64) {
 	return b.inflight.Load(), b.inflightTokens.Load()
 }
 
-// State is the backend's load at now, as a model input.
+// State is the backend's load at now, as a model input. The engine's own
+// metrics, when fresh, take precedence over the balancer's counts: they
+// include what other Caddy instances and clients sent, and the engine's
+// queue is the truth the balancer only estimates. Requests sent since the
+// last scrape are not in them, so the larger of the two counts is used.
 func (b *Backend) State(now time.Time) LoadState {
 	s := LoadState{
 		Inflight:       float64(b.inflight.Load()),
@@ -70,17 +83,44 @@ func (b *Backend) State(now time.Time) LoadState {
 	since := b.pendingSince.Load()
 	if n := b.pending.Load(); n > 0 {
 		s.Pending = float64(n)
-		s.PendingAge = max(float64(now.UnixNano()-since/n)/1e9, 0)
+		s.PendingAge = max(float64(sinceEpoch(now)-since/n)/1e6, 0)
 	}
-	// Anticipated queueing: with its batch full, a backend starts a new
-	// request only as running ones finish, about slots/E2E per second.
-	if slots, e2e := float64(b.maxRunning.Load()), math.Float64frombits(b.e2eEWMA.Load()); slots > 0 && e2e > 0 {
-		if over := s.Inflight + 1 - slots; over > 0 {
-			s.QueueWait = over * e2e / slots
+	s.Running = max(s.Inflight-s.Pending, 0)
+	if m, fresh := b.Engine(now); fresh {
+		if m.HasWaiting {
+			s.Pending = max(s.Pending, m.Waiting)
+		}
+		if m.HasRunning {
+			s.Running = max(s.Running, m.Running)
+		}
+		if m.HasKV {
+			s.KV = min(max(m.KVUsage, 0), 1)
+		}
+		s.Inflight = max(s.Inflight, s.Pending+s.Running)
+		// the engine's queue drains as running requests finish: about
+		// running/E2E of them per second
+		if e2e := math.Float64frombits(b.e2eEWMA.Load()); m.HasWaiting && m.Waiting > 0 && e2e > 0 {
+			s.QueueWait = m.Waiting * e2e / max(s.Running, 1)
 		}
 	}
 	return s
 }
+
+// Cooldown is when the backend's last Retry-After ends; zero if none.
+func (b *Backend) Cooldown() time.Time {
+	if ra := b.retryAfter.Load(); ra > 0 {
+		return time.Unix(0, ra)
+	}
+	return time.Time{}
+}
+
+// CoolingDown reports whether the backend asked, with Retry-After, not to
+// be sent requests until after now.
+func (b *Backend) CoolingDown(now time.Time) bool { return b.retryAfter.Load() > now.UnixNano() }
+
+// FailureRate is the recent share of the backend's attempts that failed
+// through the backend's fault (see failureRate).
+func (b *Backend) FailureRate(now time.Time) float64 { return b.fails.rate(now) }
 
 // Destruct implements caddy.Destructor; a backend holds no resources.
 func (b *Backend) Destruct() error { return nil }
@@ -93,28 +133,38 @@ type Attempt struct {
 	prompt    int
 	predicted time.Duration
 	start     time.Time
-	gotFirst  bool
+	pending   bool // counted as pending (a stream without its first token yet)
+	work      bool // LLM work: may teach the model
+	stream    bool
 }
 
 // Begin records a request sent to the backend: it is counted in flight (with
-// its estimated tokens) until End.
+// its estimated tokens) until End. A stream also counts as pending until
+// its first token; a non-streaming request shows no first token, so it
+// never counts as pending.
 func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
 	s := b.State(now)
-	p := b.model.Predict(s, f.PromptTokens, f.OutputTokens, prior, now)
-	tokens := int64(f.Tokens())
+	a := Attempt{b: b, state: s, prompt: f.PromptTokens, start: now, work: f.Work(), stream: f.Stream}
+	if a.work {
+		a.predicted = b.model.Predict(s, f.PromptTokens, f.OutputTokens, prior, now).E2E
+	}
+	a.tokens = int64(f.Tokens())
 	b.inflight.Add(1)
-	b.inflightTokens.Add(tokens)
-	b.pendingTokens.Add(int64(f.PromptTokens))
-	b.pendingSince.Add(now.UnixNano())
-	b.pending.Add(1)
-	return Attempt{b: b, state: s, tokens: tokens, prompt: f.PromptTokens, predicted: p.E2E, start: now}
+	b.inflightTokens.Add(a.tokens)
+	if f.Stream {
+		a.pending = true
+		b.pendingTokens.Add(int64(f.PromptTokens))
+		b.pendingSince.Add(sinceEpoch(now))
+		b.pending.Add(1)
+	}
+	return a
 }
 
 // FirstToken records that the attempt got its first token: it stops
 // counting as pending and starts counting as running. Only the first call
 // counts.
 func (a *Attempt) FirstToken() {
-	if a.gotFirst {
+	if !a.pending {
 		return
 	}
 	a.release()
@@ -130,12 +180,12 @@ func (a *Attempt) FirstToken() {
 
 // release stops counting the attempt as pending.
 func (a *Attempt) release() {
-	if a.gotFirst {
+	if !a.pending {
 		return
 	}
-	a.gotFirst = true
+	a.pending = false
 	a.b.pending.Add(-1)
-	a.b.pendingSince.Add(-a.start.UnixNano())
+	a.b.pendingSince.Add(-sinceEpoch(a.start))
 	a.b.pendingTokens.Add(-int64(a.prompt))
 }
 
@@ -150,14 +200,27 @@ type Outcome struct {
 	StreamError  bool          // the response body ended with an error
 	Canceled     bool          // the client or Caddy stopped the attempt, not the backend
 	RetryAfter   time.Duration // from a 429/503 response's Retry-After
+	Stream       bool          // the answer was a stream whose first token was seen at TTFT
 	Headers      time.Duration // to the response headers; 0 if none came
-	TTFT         time.Duration // to first token / first body byte; 0 if none
+	TTFT         time.Duration // to first token (streams); 0 if none
 	E2E          time.Duration // to the end of the body
-	OutputTokens int
+	OutputTokens int // -1: unknown (an answer without usage), which teaches nothing
+}
+
+// Failed reports whether the attempt failed through the backend's fault:
+// no connection, a timeout, a 5xx or a 429, or a stream the backend cut.
+// A client that gave up is not the backend's fault, nor is a 4xx other than
+// 429 (the request was bad).
+func (o Outcome) Failed() bool {
+	if o.Canceled && !o.StreamError {
+		return false
+	}
+	return o.DialError || o.Timeout || o.StreamError || o.Status == 429 || o.Status >= 500 ||
+		(o.Status == 0 && !o.Canceled)
 }
 
 // End records the outcome of the attempt and trains the model on it when it
-// is a clean success. It must be called exactly once per Begin.
+// is a clean success of LLM work. It must be called exactly once per Begin.
 func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 	b := a.b
 	a.release()
@@ -187,30 +250,104 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 		b.streamErrors.Add(1)
 	}
 	if o.RetryAfter > 0 {
-		b.retryAfter.Store(now.Add(o.RetryAfter).UnixNano())
-	}
-	if o.Status >= 200 && o.Status < 300 {
-		b.promptTokens.Add(uint64(max(a.prompt, 0)))
-		b.outputTokens.Add(uint64(max(o.OutputTokens, 0)))
-		b.e2eNanos.Add(int64(o.E2E))
-		b.ttftNanos.Add(int64(o.TTFT))
-		b.headerNanos.Add(int64(o.Headers))
-		// only complete answers say how fast the backend is
-		complete := !o.StreamError && !o.Canceled
-		if complete {
-			ewmaAtomic(&b.e2eEWMA, o.E2E.Seconds())
-		}
-		if complete && o.TTFT > 0 {
-			b.model.Observe(Observation{
-				State:        a.state,
-				PromptTokens: a.prompt,
-				OutputTokens: o.OutputTokens,
-				TTFT:         o.TTFT,
-				E2E:          o.E2E,
-				Predicted:    a.predicted,
-			}, lambda, prior, now)
+		// a later, shorter Retry-After never shortens a running cooldown
+		until := now.Add(o.RetryAfter).UnixNano()
+		for {
+			cur := b.retryAfter.Load()
+			if until <= cur || b.retryAfter.CompareAndSwap(cur, until) {
+				break
+			}
 		}
 	}
+	failed := o.Failed()
+	if failed || (a.work && o.Status >= 200 && o.Status < 300 && !o.Canceled) {
+		b.fails.observe(failed, now)
+	}
+	if o.Status < 200 || o.Status >= 300 {
+		return
+	}
+	b.promptTokens.Add(uint64(max(a.prompt, 0)))
+	b.outputTokens.Add(uint64(max(o.OutputTokens, 0)))
+	b.e2eNanos.Add(int64(o.E2E))
+	b.ttftNanos.Add(int64(o.TTFT))
+	b.headerNanos.Add(int64(o.Headers))
+	// only complete answers to LLM work say how fast the backend is: a
+	// probe or a model listing answered in a millisecond says nothing of
+	// how long a prompt takes
+	if !a.work || o.StreamError || o.Canceled {
+		return
+	}
+	ewmaAtomic(&b.e2eEWMA, o.E2E.Seconds())
+	if (o.Stream && o.TTFT <= 0) || o.OutputTokens < 0 {
+		return
+	}
+	b.model.Observe(Observation{
+		State:        a.state,
+		PromptTokens: a.prompt,
+		OutputTokens: o.OutputTokens,
+		Stream:       o.Stream,
+		TTFT:         o.TTFT,
+		E2E:          o.E2E,
+		Predicted:    a.predicted,
+	}, lambda, prior, now)
+}
+
+// failureRate is a backend's recent failure share: failures and attempts,
+// both decayed exponentially with time (time constant failureMemory), with
+// one success of prior evidence, so a single failure of a fresh backend is
+// a rate of 1/2, not 1. Decaying with time rather than by count means a
+// backend that failed and then got no traffic is forgiven and tried again.
+type failureRate struct {
+	mu       sync.Mutex
+	fails    float64
+	attempts float64
+	at       int64 // unix ns of the last update
+	// published for lock-free reads
+	pub atomic.Pointer[failureSnapshot]
+}
+
+type failureSnapshot struct {
+	fails, attempts float64
+	at              int64
+}
+
+// failureMemory is how long failures are remembered (the decay's time
+// constant): long enough to span the retries and the next requests of a
+// burst, short enough that a recovered backend is back within a minute.
+const failureMemory = 20 * time.Second
+
+func decay(dt int64) float64 {
+	if dt <= 0 {
+		return 1
+	}
+	return math.Exp(-float64(dt) / float64(failureMemory))
+}
+
+func (f *failureRate) observe(failed bool, now time.Time) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	t := now.UnixNano()
+	d := decay(t - f.at)
+	if f.at == 0 {
+		d = 0
+	}
+	f.fails *= d
+	f.attempts *= d
+	f.attempts++
+	if failed {
+		f.fails++
+	}
+	f.at = t
+	f.pub.Store(&failureSnapshot{fails: f.fails, attempts: f.attempts, at: t})
+}
+
+func (f *failureRate) rate(now time.Time) float64 {
+	s := f.pub.Load()
+	if s == nil || s.fails == 0 {
+		return 0
+	}
+	d := decay(now.UnixNano() - s.at)
+	return s.fails * d / (s.attempts*d + 1)
 }
 
 // BackendStats is a snapshot of a backend's counters, for the admin API,
@@ -237,6 +374,7 @@ type BackendStats struct {
 	MeanTTFT       time.Duration `json:"mean_ttft_ns"`    // of successful attempts
 	MeanHeaders    time.Duration `json:"mean_headers_ns"` // time to response headers, of successful attempts
 	RetryAfter     time.Time     `json:"retry_after,omitzero"`
+	FailureRate    float64       `json:"failure_rate"`
 	Model          ModelStats    `json:"model"`
 }
 
@@ -261,6 +399,7 @@ func (b *Backend) Stats() BackendStats {
 		PromptTokens:   b.promptTokens.Load(),
 		OutputTokens:   b.outputTokens.Load(),
 		Model:          b.model.Stats(),
+		FailureRate:    b.fails.rate(time.Now()),
 	}
 	if n := int64(s.Status2xx); n > 0 {
 		s.MeanE2E = time.Duration(b.e2eNanos.Load() / n)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"net/http"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
@@ -39,10 +40,52 @@ var DefaultFeatureConfig = FeatureConfig{
 	PrefixBlockChars:    64,
 }
 
+// API names the kind of LLM API a request calls, from its path.
+type API string
+
+// The APIs the balancer recognises. APINone is any other request: a probe,
+// a model listing, metrics, a path it does not know.
+const (
+	APINone        API = ""
+	APIChat        API = "chat"        // /v1/chat/completions
+	APICompletions API = "completions" // /v1/completions
+	APIResponses   API = "responses"   // /v1/responses
+	APIMessages    API = "messages"    // /v1/messages (Anthropic)
+	APIEmbeddings  API = "embeddings"  // /v1/embeddings
+	APIRerank      API = "rerank"      // /v1/rerank, /rerank, /v1/score
+)
+
+// apiOf returns the API a request calls: a POST whose path ends in one of
+// the known endpoints (so /v1/..., /openai/v1/... and stripped prefixes all
+// work). Anything else, GETs included, is APINone.
+func apiOf(r *http.Request) API {
+	if r.Method != http.MethodPost || r.URL == nil {
+		return APINone
+	}
+	p := strings.TrimSuffix(r.URL.Path, "/")
+	switch {
+	case strings.HasSuffix(p, "/chat/completions"):
+		return APIChat
+	case strings.HasSuffix(p, "/completions"):
+		return APICompletions
+	case strings.HasSuffix(p, "/responses"):
+		return APIResponses
+	case strings.HasSuffix(p, "/messages"):
+		return APIMessages
+	case strings.HasSuffix(p, "/embeddings"):
+		return APIEmbeddings
+	case strings.HasSuffix(p, "/rerank"), strings.HasSuffix(p, "/score"):
+		return APIRerank
+	}
+	return APINone
+}
+
 // Features is what the balancer knows of one request before sending it.
 // A request it cannot read (no JSON body, chunked, GET) gets a neutral cost:
 // zero prompt tokens and the default output.
 type Features struct {
+	// API is the LLM API the request calls, from its method and path.
+	API API
 	// Model is the requested model, if the body named it within the peeked prefix.
 	Model string
 	// User is the OpenAI "user" field, a natural session key.
@@ -67,12 +110,23 @@ type Features struct {
 // Tokens is the request's total estimated token cost (prompt plus output).
 func (f *Features) Tokens() int { return f.PromptTokens + f.OutputTokens }
 
+// Work reports whether the request is LLM work whose latency says how fast
+// a backend is: a POST to a known LLM endpoint whose body was read as a JSON
+// object. Probes, model listings, metrics scrapes, unknown paths and bodies
+// the balancer could not read are not: they count in flight, but never
+// teach the latency model or the pool's prior.
+func (f *Features) Work() bool { return f.API != APINone && f.Parsed }
+
 // RequestFeatures returns the features of r, extracting them on first use and
 // caching them in r's vars for every later step and retry. When r has no vars
 // (not served by Caddy) it extracts them every call.
+//
+// Call it only where the proxy loop's own request is seen (a selection
+// policy's Select): it peeks at the body and puts back a body that replays
+// the peeked bytes, which a per-attempt copy of the request would lose.
 func RequestFeatures(r *http.Request, cfg FeatureConfig) *Features {
-	if v, ok := caddyhttp.GetVar(r.Context(), featuresVarKey).(*Features); ok {
-		return v
+	if f := CachedFeatures(r); f != nil {
+		return f
 	}
 	f := new(Features)
 	ExtractFeatures(r, cfg, f)
@@ -82,29 +136,55 @@ func RequestFeatures(r *http.Request, cfg FeatureConfig) *Features {
 	return f
 }
 
+// CachedFeatures returns the features a policy already read for r, or nil.
+func CachedFeatures(r *http.Request) *Features {
+	f, _ := caddyhttp.GetVar(r.Context(), featuresVarKey).(*Features)
+	return f
+}
+
+// HeaderFeatures returns r's features without touching its body: the API
+// from the path and a neutral cost. A transport uses it when no policy read
+// the features: it sees a per-attempt copy of the request, whose body it
+// must not consume.
+func HeaderFeatures(r *http.Request, cfg FeatureConfig) *Features {
+	if f := CachedFeatures(r); f != nil {
+		return f
+	}
+	return &Features{API: apiOf(r), OutputTokens: cfg.DefaultOutputTokens}
+}
+
 // ExtractFeatures reads at most cfg.PeekBytes of r's body into f and gives the
 // body back to r byte for byte. Bodies of unknown length (chunked), empty
 // bodies, and bodies that are not a JSON object pass through untouched with a
-// neutral cost.
+// neutral cost. The peek buffer grows with the bytes that actually arrive,
+// never by the client's claimed Content-Length.
 func ExtractFeatures(r *http.Request, cfg FeatureConfig, f *Features) {
+	f.API = apiOf(r)
 	f.OutputTokens = cfg.DefaultOutputTokens
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength <= 0 || cfg.PeekBytes <= 0 {
 		return
 	}
 	n := min(r.ContentLength, cfg.PeekBytes)
-	buf := make([]byte, n)
-	read, err := io.ReadFull(r.Body, buf)
-	buf = buf[:read]
+	var bb bytes.Buffer
+	bb.Grow(int(min(n, 4<<10)))
+	read, err := bb.ReadFrom(io.LimitReader(r.Body, n))
+	buf := bb.Bytes()
+	if err == nil && read < n {
+		err = io.ErrUnexpectedEOF
+	}
 	r.Body = &peekedBody{head: bytes.NewReader(buf), rest: r.Body, restErr: err}
 	if err != nil && err != io.ErrUnexpectedEOF {
 		return
 	}
 	var rest int64
-	if int64(read) < r.ContentLength {
-		rest = r.ContentLength - int64(read)
+	if read < r.ContentLength {
+		rest = r.ContentLength - read
 		f.Truncated = true
 	}
 	parseRequestJSON(buf, rest, cfg, f)
+	if f.API == APIEmbeddings || f.API == APIRerank {
+		f.OutputTokens = 0 // prompt cost only
+	}
 }
 
 // peekedBody replays the peeked head, then the rest of the original body.

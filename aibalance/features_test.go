@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -23,6 +24,68 @@ func extract(t testing.TB, body string, chunked bool, cfg FeatureConfig) (*Featu
 		t.Fatal(err)
 	}
 	return f, got
+}
+
+func TestAPIAndWork(t *testing.T) {
+	for _, tc := range []struct {
+		method, path, body string
+		api                API
+		work               bool
+	}{
+		{"POST", "/v1/chat/completions", `{"messages":[]}`, APIChat, true},
+		{"POST", "/openai/v1/chat/completions/", `{"messages":[]}`, APIChat, true},
+		{"POST", "/v1/completions", `{"prompt":"x"}`, APICompletions, true},
+		{"POST", "/v1/responses", `{"input":"x"}`, APIResponses, true},
+		{"POST", "/v1/messages", `{"messages":[]}`, APIMessages, true},
+		{"POST", "/v1/embeddings", `{"input":"x"}`, APIEmbeddings, true},
+		{"POST", "/v1/rerank", `{"query":"x"}`, APIRerank, true},
+		{"GET", "/v1/models", ``, APINone, false},
+		{"GET", "/health", ``, APINone, false},
+		{"GET", "/metrics", ``, APINone, false},
+		{"GET", "/v1/chat/completions", ``, APINone, false},
+		{"POST", "/v1/chat/completions", `not json`, APIChat, false},
+		{"POST", "/v1/unknown", `{"messages":[]}`, APINone, false},
+		{"POST", "/tokenize", `{"prompt":"x"}`, APINone, false},
+	} {
+		t.Run(tc.method+" "+tc.path, func(t *testing.T) {
+			r := httptest.NewRequest(tc.method, tc.path, strings.NewReader(tc.body))
+			f := new(Features)
+			ExtractFeatures(r, DefaultFeatureConfig, f)
+			if f.API != tc.api || f.Work() != tc.work {
+				t.Fatalf("api %q work %v, want %q %v", f.API, f.Work(), tc.api, tc.work)
+			}
+			if h := HeaderFeatures(r, DefaultFeatureConfig); h.API != tc.api || h.Work() {
+				t.Fatalf("header features: api %q work %v; want %q and never work (no body read)", h.API, h.Work(), tc.api)
+			}
+		})
+	}
+	// embeddings cost their prompt only
+	r := httptest.NewRequest("POST", "/v1/embeddings", strings.NewReader(`{"input":"abcdabcd","model":"e"}`))
+	f := new(Features)
+	ExtractFeatures(r, DefaultFeatureConfig, f)
+	if f.OutputTokens != 0 || f.PromptTokens != 2 {
+		t.Fatalf("embeddings: prompt %d output %d, want 2 and 0", f.PromptTokens, f.OutputTokens)
+	}
+}
+
+// TestPeekGrowsWithTheBody: a client claiming a huge Content-Length does
+// not make the balancer allocate it before any byte arrives.
+func TestPeekGrowsWithTheBody(t *testing.T) {
+	cfg := DefaultFeatureConfig
+	cfg.PeekBytes = 1 << 30
+	r := httptest.NewRequest("POST", "/v1/chat/completions", strings.NewReader(`{"model":"m"}`))
+	r.ContentLength = 1 << 30 // a lie
+	var before, after runtimeMem
+	before.read()
+	f := new(Features)
+	ExtractFeatures(r, cfg, f)
+	after.read()
+	if grew := after.total - before.total; grew > 1<<20 {
+		t.Fatalf("peeking a 13-byte body that claims 1 GiB allocated %d bytes", grew)
+	}
+	if f.Model != "m" {
+		t.Fatalf("model %q", f.Model)
+	}
 }
 
 func TestExtractFeatures(t *testing.T) {
@@ -64,6 +127,7 @@ func TestExtractFeatures(t *testing.T) {
 				t.Fatalf("body changed: got %d bytes, want %d", len(got), len(tc.body))
 			}
 			f.PrefixHashes = nil
+			tc.want.API = APIChat
 			if fmt.Sprintf("%+v", *f) != fmt.Sprintf("%+v", tc.want) {
 				t.Fatalf("got %+v\nwant %+v", *f, tc.want)
 			}
@@ -171,4 +235,12 @@ func humanSize(n int) string {
 		return strconv.Itoa(n>>20) + "MiB"
 	}
 	return strconv.Itoa(n>>10) + "KiB"
+}
+
+type runtimeMem struct{ total uint64 }
+
+func (m *runtimeMem) read() {
+	var st runtime.MemStats
+	runtime.ReadMemStats(&st)
+	m.total = st.TotalAlloc
 }

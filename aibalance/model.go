@@ -7,18 +7,21 @@ import (
 	"time"
 )
 
-// The latency model: per backend, two online linear regressions fitted by
-// recursive least squares (RLS) with exponential forgetting.
+// The latency model: per backend, one online linear regression fitted by
+// recursive least squares (RLS) with exponential forgetting, over the
+// coefficients of two equations that share it:
 //
-//	TTFT = queueing + a0 + a1·pending + a2·pendingKTokens + a3·promptKTokens
+//	TTFT = queueing + a0 + a1·pending + a2·pendingKTokens + a3·promptKTokens + a4·kvUsage
 //	TPOT = b0 + b1·running
 //
 // "pending" are the requests in flight at the backend that have not had
 // their first token yet (queued in the engine or in prefill), and their
-// prompt tokens: the balancer's own view of the engine's queue, which is
-// what a new request's first token waits behind. "running" are the
-// requests in flight past their first token: the decode batch, which sets
-// the time per output token.
+// prompt tokens; "running" is the decode batch, which sets the time per
+// output token; kvUsage is the engine's KV cache use when it reports one.
+// When the engine's own metrics are fresh they take precedence over the
+// balancer's counts (see Backend.State). queueing is observed, not fitted:
+// how long pending requests have waited so far, or the engine's reported
+// queue drained at its recent completion rate.
 //
 // Why RLS and not Peak-EWMA: an LLM request's cost is not one number. Its
 // time to first token grows with the prompt and the queue in front of it, its
@@ -26,44 +29,73 @@ import (
 // slower GPU has a steeper slope, not just a larger intercept). Peak-EWMA
 // learns one latency per unit of load and cannot tell a long prompt on a fast
 // backend from a short prompt on a slow one. RLS learns the slopes exactly
-// for a linear model in O(d²) per observation (d = 4), forgets at a chosen
-// rate so it tracks a backend whose speed changes, and predicts in a dot
-// product, cheap enough for the selection hot path.
+// for a linear model in O(d²) per observation, forgets at a chosen rate so it
+// tracks a backend whose speed changes, and predicts in a dot product.
+//
+// What an observation teaches depends on what was seen:
+//   - a stream shows its first token: one TTFT equation (on a's) and, with
+//     two or more tokens, one TPOT equation (on b's);
+//   - a non-streaming answer shows only its completion time: one equation
+//     E2E = TTFT + (out-1)·TPOT on all coefficients at once, so the fit
+//     splits the time between prefill and decode as the data allow (the
+//     same joint fit is why a and b share one covariance);
+//   - probes, model listings, errors, cut streams and unknown request
+//     shapes teach nothing (see Attempt.End).
+//
+// Each kind of equation is scaled by its own running residual size before
+// the update (weighted least squares): a TPOT of 20 ms and an E2E of 20 s
+// then count alike, and the covariance P is in units of that noise, so
+// qᵀPq is the variance of a prediction q·θ.
+//
+// Exploration is optimism under uncertainty (a lower confidence bound, as
+// in LinUCB): a policy scores a backend by its prediction minus one standard
+// deviation of it, never less than half the prediction. What the balancer
+// has not observed (a backend never seen at high concurrency, a new one, a
+// long prompt on a backend that only saw short ones) is uncertain, so it is
+// tried; as observations come in the bonus shrinks on its own. The bound
+// keeps exploration from flooding a backend: a slow backend looks at most
+// twice as fast as the model believes.
 //
 // Robustness:
 //   - cold start: until a backend has warmupSamples observations its
-//     prediction blends toward a prior (the pool-wide running averages, scaled
-//     by the backend's own load), so a new backend is tried at once but
-//     cannot be flooded: its predicted time grows with every request sent.
+//     prediction blends toward its pool's prior (the running averages over
+//     the pool, scaled by the backend's own load), so a new backend is tried
+//     at once but cannot be flooded: its predicted time grows with every
+//     request sent.
 //   - staleness: confidence decays when a backend has not been observed for a
 //     while, pulling it halfway back toward the prior, so a backend once
-//     judged slow is explored again when the others are loaded instead of
-//     starved forever, without being mistaken for an average one (exploring
-//     a slow backend with a long prompt is what costs the tail).
-//   - outliers: residuals are clipped at clipSigmas running deviations
-//     (Huber-style) before they update the fit.
+//     judged slow is explored again instead of starved forever.
+//   - outliers: scaled residuals are clipped at clipSigmas (Huber-style).
 //   - windup: with forgetting and little variation in the inputs the
 //     covariance grows without bound; its trace is capped.
+//   - coefficients are kept non-negative: more load never makes a backend
+//     faster, and a negative intercept fitted in one corner of the input
+//     space predicts nonsense in another.
 
 const (
-	ttftDims      = 4
+	ttftDims      = 5
 	tpotDims      = 2
+	modelDims     = ttftDims + tpotDims
 	warmupSamples = 12
 	clipSigmas    = 3.0
-	maxTrace      = 1e3
 	staleAfter    = 30 * time.Second
 	minStaleTrust = 0.5 // a stale backend is predicted halfway between what it was and the prior
 	errWindow     = 128
+	// maxOptimism bounds the exploration bonus: a score is never below
+	// (1-maxOptimism) of the prediction.
+	maxOptimism = 0.5
 )
 
 // LoadState is what a prediction depends on besides the request itself.
 type LoadState struct {
 	Inflight       float64 // requests in flight at the backend (not counting this one)
 	InflightTokens float64 // their estimated tokens (prompt + expected output)
-	Pending        float64 // of the requests in flight, those without a first token yet
+	Pending        float64 // requests without a first token yet (queued or in prefill)
 	PendingTokens  float64 // their prompt tokens
-	PendingAge     float64 // how long they have waited so far, on average, in seconds
-	QueueWait      float64 // anticipated wait for a batch slot, in seconds (see Backend.State)
+	PendingAge     float64 // how long our pending streams have waited so far, on average, in seconds
+	QueueWait      float64 // the engine's reported queue, drained at its recent completion rate, in seconds
+	Running        float64 // the decode batch
+	KV             float64 // the engine's KV cache use, 0..1; 0 when unknown
 }
 
 // Observation is one finished attempt, as the transport measured it.
@@ -71,99 +103,141 @@ type Observation struct {
 	State        LoadState     // the backend's state when the request was sent
 	PromptTokens int           // estimated prompt tokens
 	OutputTokens int           // output tokens produced
-	TTFT         time.Duration // time to first token (or first body byte)
+	Stream       bool          // TTFT was seen (a stream); otherwise only E2E is known
+	TTFT         time.Duration // time to first token (streams)
 	E2E          time.Duration // time to the end of the response body
 	Predicted    time.Duration // the model's prediction of E2E at dispatch; 0 if none
 }
 
+// equation kinds, each with its own residual scale
+const (
+	eqTTFT = iota
+	eqTPOT
+	eqE2E
+	eqKinds
+)
+
 // rls is a recursive-least-squares fit of y = θ·x with forgetting factor λ.
 type rls struct {
-	theta [ttftDims]float64
-	p     [ttftDims][ttftDims]float64
-	dims  int
-	sigma float64 // running mean absolute residual, for clipping
+	theta [modelDims]float64
+	p     [modelDims][modelDims]float64
+	p0    [modelDims]float64 // initial diagonal, for the windup cap
+	scale [eqKinds]float64   // running mean absolute residual per equation kind
 }
 
-func newRLS(dims int, theta []float64) rls {
-	r := rls{dims: dims}
-	copy(r.theta[:], theta)
-	for i := 0; i < dims; i++ {
-		r.p[i][i] = 100
+func newRLS(pTTFT, pTPOT float64) rls {
+	var r rls
+	r.theta[0] = pTTFT
+	r.theta[ttftDims] = pTPOT
+	// a prior standard deviation of each coefficient about twice the pool's
+	// typical value: weak, so a few observations outweigh it
+	for i := 0; i < modelDims; i++ {
+		v := 2 * pTTFT
+		if i >= ttftDims {
+			v = 2 * pTPOT
+		}
+		r.p0[i] = v * v
+		r.p[i][i] = r.p0[i]
 	}
 	return r
 }
 
-func (r *rls) predict(x *[ttftDims]float64) float64 {
+func dot(a, b *[modelDims]float64) float64 {
 	var y float64
-	for i := 0; i < r.dims; i++ {
-		y += r.theta[i] * x[i]
+	for i := range a {
+		y += a[i] * b[i]
 	}
 	return y
 }
 
-func (r *rls) update(x *[ttftDims]float64, y, lambda float64) {
-	d := r.dims
-	e := y - r.predict(x)
-	if r.sigma == 0 {
-		r.sigma = math.Abs(y) + 1e-6
+// update fits one equation θ·x = y of the given kind.
+func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
+	e := y - dot(&r.theta, &x)
+	if r.scale[kind] == 0 {
+		r.scale[kind] = math.Abs(y)/2 + 1e-6
 	}
-	if lim := clipSigmas * r.sigma; math.Abs(e) > lim {
-		e = math.Copysign(lim, e)
+	s := r.scale[kind]
+	r.scale[kind] = 0.95*s + 0.05*min(math.Abs(e), clipSigmas*s)
+	// weighted least squares: scale the equation by its noise
+	for i := range x {
+		x[i] /= s
 	}
-	r.sigma = 0.95*r.sigma + 0.05*math.Abs(e)
+	e /= s
+	e = max(min(e, clipSigmas), -clipSigmas)
 
-	var px [ttftDims]float64
-	for i := 0; i < d; i++ {
-		for j := 0; j < d; j++ {
+	var px [modelDims]float64
+	for i := 0; i < modelDims; i++ {
+		for j := 0; j < modelDims; j++ {
 			px[i] += r.p[i][j] * x[j]
 		}
 	}
-	denom := lambda
-	for i := 0; i < d; i++ {
-		denom += x[i] * px[i]
-	}
+	denom := lambda + dot(&x, &px)
 	if denom <= 0 || math.IsNaN(denom) || math.IsInf(denom, 0) {
 		return
 	}
-	var trace float64
-	for i := 0; i < d; i++ {
+	var trace, trace0 float64
+	for i := 0; i < modelDims; i++ {
 		k := px[i] / denom
-		r.theta[i] = max(r.theta[i]+k*e, 0) // see "slopes" above
-		for j := 0; j < d; j++ {
+		r.theta[i] = max(r.theta[i]+k*e, 0)
+		for j := 0; j < modelDims; j++ {
 			r.p[i][j] = (r.p[i][j] - k*px[j]) / lambda
 		}
 		trace += r.p[i][i]
+		trace0 += r.p0[i]
 	}
-	if trace > maxTrace {
-		s := maxTrace / trace
-		for i := 0; i < d; i++ {
-			for j := 0; j < d; j++ {
-				r.p[i][j] *= s
+	if trace > 4*trace0 {
+		f := 4 * trace0 / trace
+		for i := 0; i < modelDims; i++ {
+			for j := 0; j < modelDims; j++ {
+				r.p[i][j] *= f
 			}
 		}
 	}
 }
 
-// Model is one backend's learned latency model. Observe takes a per-backend
-// lock; Predict reads published coefficients with atomics and takes none.
-type Model struct {
-	mu         sync.Mutex
-	ttft, tpot rls
-	apes       [errWindow]float64 // absolute percentage errors of E2E predictions
-	apeN       int
-	apeSum     float64
-
-	// published for lock-free prediction
-	coef     [ttftDims + tpotDims]atomic.Uint64
-	samples  atomic.Int64
-	lastSeen atomic.Int64 // unix nanoseconds of the last observation
-	mape     atomic.Uint64
-	errCount atomic.Int64
+// fit is a published copy of the regression, read without a lock.
+type fit struct {
+	theta [modelDims]float64
+	p     [modelDims][modelDims]float64
 }
 
-// Prior is the pool-wide expectation used for backends the model does not
-// know yet: the running averages of TTFT and time per output token across all
-// backends. It is shared by every backend in the process.
+// variance is qᵀPq: the variance of the prediction θ·q.
+func (f *fit) variance(q *[modelDims]float64) float64 {
+	var v float64
+	for i := 0; i < modelDims; i++ {
+		if q[i] == 0 {
+			continue
+		}
+		var row float64
+		for j := 0; j < modelDims; j++ {
+			row += f.p[i][j] * q[j]
+		}
+		v += q[i] * row
+	}
+	return max(v, 0)
+}
+
+// Model is one backend's learned latency model. Observe takes a per-backend
+// lock; predictions read a published copy of the fit and take none.
+type Model struct {
+	mu     sync.Mutex
+	r      rls
+	apes   [errWindow]float64 // absolute percentage errors of E2E predictions
+	apeN   int
+	apeSum float64
+
+	published atomic.Pointer[fit]
+	samples   atomic.Int64
+	lastSeen  atomic.Int64 // unix nanoseconds of the last observation
+	mape      atomic.Uint64
+	errCount  atomic.Int64
+}
+
+// Prior is a pool's expectation for backends the model does not know yet:
+// the running averages of TTFT and time per output token across the pool's
+// backends, per unit of load. Each pool has its own (see Pool), so pools of
+// different models do not share cold-start beliefs, and only LLM work
+// teaches it.
 type Prior struct {
 	ttft atomic.Uint64 // float64 bits, seconds
 	tpot atomic.Uint64
@@ -179,16 +253,23 @@ const (
 func (p *Prior) values() (ttft, tpot float64) {
 	ttft = math.Float64frombits(p.ttft.Load())
 	tpot = math.Float64frombits(p.tpot.Load())
-	if ttft <= 0 {
+	if ttft <= 0 || math.IsNaN(ttft) || math.IsInf(ttft, 0) {
 		ttft = defaultPriorTTFT
 	}
-	if tpot <= 0 {
+	if tpot <= 0 || math.IsNaN(tpot) || math.IsInf(tpot, 0) {
 		tpot = defaultPriorTPOT
 	}
 	return ttft, tpot
 }
 
+// Values returns the prior's TTFT and time per output token, in seconds,
+// for one request on an idle backend.
+func (p *Prior) Values() (ttft, tpot float64) { return p.values() }
+
 func ewmaAtomic(a *atomic.Uint64, v float64) {
+	if v <= 0 || math.IsNaN(v) || math.IsInf(v, 0) {
+		return
+	}
 	for {
 		old := a.Load()
 		f := math.Float64frombits(old)
@@ -204,24 +285,31 @@ func ewmaAtomic(a *atomic.Uint64, v float64) {
 
 func (p *Prior) observe(ttft, tpot float64) {
 	ewmaAtomic(&p.ttft, ttft)
-	if tpot > 0 {
-		ewmaAtomic(&p.tpot, tpot)
-	}
+	ewmaAtomic(&p.tpot, tpot)
 }
 
 func ttftFeatures(s LoadState, promptTokens int) [ttftDims]float64 {
-	return [ttftDims]float64{1, s.Pending, s.PendingTokens / 1000, float64(promptTokens) / 1000}
+	return [ttftDims]float64{1, s.Pending, s.PendingTokens / 1000, float64(promptTokens) / 1000, s.KV}
 }
 
-func tpotFeatures(s LoadState) [ttftDims]float64 {
-	return [ttftDims]float64{1, running(s)}
+func tpotFeatures(s LoadState) [tpotDims]float64 { return [tpotDims]float64{1, s.Running} }
+
+// query is the regressor of ttftFactor·TTFT + out·TPOT.
+func query(s LoadState, promptTokens int, ttftFactor, out float64) [modelDims]float64 {
+	var q [modelDims]float64
+	xt, xp := ttftFeatures(s, promptTokens), tpotFeatures(s)
+	for i, v := range xt {
+		q[i] = ttftFactor * v
+	}
+	for i, v := range xp {
+		q[ttftDims+i] = out * v
+	}
+	return q
 }
 
-func running(s LoadState) float64 { return max(s.Inflight-s.Pending, 0) }
-
-// queueing is the observed or anticipated wait before the engine starts a
-// request: whichever of the pending requests' age and the batch-slot
-// estimate is larger.
+// queueing is the observed or reported wait before the engine starts a
+// request: whichever of the pending requests' age and the engine's queue
+// is larger.
 func queueing(s LoadState) float64 { return max(s.PendingAge, s.QueueWait) }
 
 // Prediction is the model's estimate for one request on one backend.
@@ -235,7 +323,7 @@ type Prediction struct {
 // request with the given prompt and output tokens on a backend in state s.
 func (m *Model) Predict(s LoadState, promptTokens, outputTokens int, prior *Prior, now time.Time) Prediction {
 	ttft, tpot := m.PredictSeconds(s, promptTokens, prior, now)
-	e2e := ttft + float64(outputTokens)*tpot
+	e2e := ttft + float64(max(outputTokens-1, 0))*tpot
 	return Prediction{
 		TTFT: secondsToDuration(ttft),
 		TPOT: secondsToDuration(tpot),
@@ -243,75 +331,113 @@ func (m *Model) Predict(s LoadState, promptTokens, outputTokens int, prior *Prio
 	}
 }
 
-// PredictSeconds is Predict's TTFT and time per output token in seconds,
-// for the hot path.
+// PredictSeconds is Predict's TTFT and time per output token in seconds.
 func (m *Model) PredictSeconds(s LoadState, promptTokens int, prior *Prior, now time.Time) (ttft, tpot float64) {
+	ttft, _ = m.Score(s, promptTokens, 0, 1, prior, now)
+	tpot, _ = m.Score(s, promptTokens, 1, 0, prior, now)
+	return ttft, tpot
+}
+
+// Score predicts ttftFactor·TTFT + outputTokens·TPOT of a request on a
+// backend in state s, in seconds, and the standard deviation of that
+// prediction: what a policy compares (see the exploration note above).
+func (m *Model) Score(s LoadState, promptTokens int, outputTokens, ttftFactor float64, prior *Prior, now time.Time) (mean, sd float64) {
 	pTTFT, pTPOT := prior.values()
 	load := s.Inflight + 1
 	// the prior: pool averages, scaled by this backend's own load, so that
 	// unknown backends are tried but fill up quickly in the model's eyes
-	priorTTFT := pTTFT * load * (1 + float64(promptTokens)/4000)
+	priorTTFT := (pTTFT*load*(1+float64(promptTokens)/4000) + queueing(s))
 	priorTPOT := pTPOT * load
+	priorMean := ttftFactor*priorTTFT + outputTokens*priorTPOT
 
+	f := m.published.Load()
 	n := m.samples.Load()
-	if n == 0 {
-		return priorTTFT, priorTPOT
+	if f == nil || n == 0 {
+		return priorMean, priorMean // know nothing: as uncertain as it is large
 	}
-	x := ttftFeatures(s, promptTokens)
+	q := query(s, promptTokens, ttftFactor, outputTokens)
+	var ttft, tpot float64
 	for i := 0; i < ttftDims; i++ {
-		ttft += math.Float64frombits(m.coef[i].Load()) * x[i]
+		ttft += f.theta[i] * q[i]
 	}
-	ttft += queueing(s)
-	tpot = math.Float64frombits(m.coef[ttftDims].Load()) + math.Float64frombits(m.coef[ttftDims+1].Load())*running(s)
-	// a linear fit can go negative outside the region it has seen
-	ttft = max(ttft, 0.05*priorTTFT/load)
-	tpot = max(tpot, 0.05*priorTPOT/load)
+	if ttftFactor != 0 {
+		ttft /= ttftFactor
+	}
+	for i := ttftDims; i < modelDims; i++ {
+		tpot += f.theta[i] * q[i]
+	}
+	if outputTokens != 0 {
+		tpot /= outputTokens
+	}
+	// a fit never predicts a backend much faster than the pool's idle best
+	ttft = max(ttft, 0.05*pTTFT) + queueing(s)
+	tpot = max(tpot, 0.05*pTPOT)
+	mean = ttftFactor*ttft + outputTokens*tpot
+	sd = math.Sqrt(f.variance(&q))
 
 	w := min(float64(n)/warmupSamples, 1)
 	if age := now.UnixNano() - m.lastSeen.Load(); age > int64(staleAfter) {
 		w *= max(float64(staleAfter)/float64(age), minStaleTrust)
 	}
 	if w < 1 {
-		ttft = w*ttft + (1-w)*priorTTFT
-		tpot = w*tpot + (1-w)*priorTPOT
+		mean = w*mean + (1-w)*priorMean
+		sd = w*sd + (1-w)*priorMean
 	}
-	return ttft, tpot
+	return mean, sd
+}
+
+// Optimistic is the score a policy ranks by: the prediction less one
+// standard deviation, never below (1-maxOptimism) of the prediction.
+func Optimistic(mean, sd float64) float64 {
+	return max(mean-sd, (1-maxOptimism)*mean)
 }
 
 // Observe trains the model on a finished request. lambda is the forgetting
-// factor (0 < λ ≤ 1; 1 - 1/λ-memory).
+// factor (0 < λ ≤ 1; 1 - 1/memory).
 func (m *Model) Observe(o Observation, lambda float64, prior *Prior, now time.Time) {
-	ttft := o.TTFT.Seconds()
 	e2e := o.E2E.Seconds()
-	if ttft <= 0 || e2e <= 0 || e2e < ttft {
+	ttft := o.TTFT.Seconds()
+	if e2e <= 0 || math.IsNaN(e2e) || math.IsInf(e2e, 0) {
 		return
 	}
+	if o.Stream && (ttft <= 0 || e2e < ttft) {
+		return
+	}
+	out := float64(max(o.OutputTokens-1, 0))
 	tpot := -1.0
-	if o.OutputTokens > 1 {
-		tpot = (e2e - ttft) / float64(o.OutputTokens-1)
+	if o.Stream && out > 0 {
+		tpot = (e2e - ttft) / out
 	}
 	load := o.State.Inflight + 1
-	prior.observe(ttft/(load*(1+float64(o.PromptTokens)/4000)), tpot/load)
+	pTTFT, pTPOT := prior.values()
+	if o.Stream {
+		prior.observe((ttft-queueing(o.State))/(load*(1+float64(o.PromptTokens)/4000)), tpot/load)
+	} else {
+		// only the sum is known: split it at the pool's current ratio
+		share := pTTFT / (pTTFT + out*pTPOT)
+		prior.observe(e2e*share/(load*(1+float64(o.PromptTokens)/4000)), -1)
+	}
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.samples.Load() == 0 {
-		pTTFT, pTPOT := prior.values()
-		m.ttft = newRLS(ttftDims, []float64{pTTFT, 0, 0, 0})
-		m.tpot = newRLS(tpotDims, []float64{pTPOT, 0})
+		m.r = newRLS(pTTFT, pTPOT)
 	}
-	x := ttftFeatures(o.State, o.PromptTokens)
-	m.ttft.update(&x, max(ttft-queueing(o.State), 0), lambda)
-	if tpot > 0 {
-		xt := tpotFeatures(o.State)
-		m.tpot.update(&xt, tpot, lambda)
+	xt, xp := ttftFeatures(o.State, o.PromptTokens), tpotFeatures(o.State)
+	q := queueing(o.State)
+	if o.Stream {
+		var x [modelDims]float64
+		copy(x[:], xt[:])
+		m.r.update(x, max(ttft-q, 0), lambda, eqTTFT)
+		if tpot > 0 {
+			var x [modelDims]float64
+			copy(x[ttftDims:], xp[:])
+			m.r.update(x, tpot, lambda, eqTPOT)
+		}
+	} else {
+		m.r.update(query(o.State, o.PromptTokens, 1, out), max(e2e-q, 0), lambda, eqE2E)
 	}
-	for i := 0; i < ttftDims; i++ {
-		m.coef[i].Store(math.Float64bits(m.ttft.theta[i]))
-	}
-	for i := 0; i < tpotDims; i++ {
-		m.coef[ttftDims+i].Store(math.Float64bits(m.tpot.theta[i]))
-	}
+	m.published.Store(&fit{theta: m.r.theta, p: m.r.p})
 	if o.Predicted > 0 {
 		ape := math.Abs(o.Predicted.Seconds()-e2e) / e2e
 		slot := m.apeN % errWindow
@@ -334,30 +460,36 @@ type ModelStats struct {
 	MAPE       float64 `json:"mape"`
 	MAPEWindow int64   `json:"mape_window"`
 	// Learned coefficients: seconds, seconds per pending request, seconds
-	// per 1000 pending prompt tokens, seconds per 1000 prompt tokens; time
-	// per output token and its growth per running request.
+	// per 1000 pending prompt tokens, seconds per 1000 prompt tokens,
+	// seconds at a full KV cache; time per output token and its growth per
+	// running request.
 	TTFTBase              float64 `json:"ttft_base_s"`
 	TTFTPerPending        float64 `json:"ttft_per_pending_s"`
 	TTFTPerPendingKTokens float64 `json:"ttft_per_pending_ktokens_s"`
 	TTFTPerKPrompt        float64 `json:"ttft_per_prompt_ktokens_s"`
+	TTFTPerKVUsage        float64 `json:"ttft_per_kv_usage_s"`
 	TPOTBase              float64 `json:"tpot_base_s"`
 	TPOTPerRunning        float64 `json:"tpot_per_running_s"`
+	// LastObserved is when the model last learned from a request.
+	LastObserved time.Time `json:"last_observed,omitzero"`
 }
 
 // Stats returns a snapshot of the model's state.
 func (m *Model) Stats() ModelStats {
-	c := func(i int) float64 { return math.Float64frombits(m.coef[i].Load()) }
-	return ModelStats{
-		Samples:               m.samples.Load(),
-		MAPE:                  math.Float64frombits(m.mape.Load()),
-		MAPEWindow:            m.errCount.Load(),
-		TTFTBase:              c(0),
-		TTFTPerPending:        c(1),
-		TTFTPerPendingKTokens: c(2),
-		TTFTPerKPrompt:        c(3),
-		TPOTBase:              c(4),
-		TPOTPerRunning:        c(5),
+	st := ModelStats{
+		Samples:    m.samples.Load(),
+		MAPE:       math.Float64frombits(m.mape.Load()),
+		MAPEWindow: m.errCount.Load(),
 	}
+	if f := m.published.Load(); f != nil {
+		st.TTFTBase, st.TTFTPerPending, st.TTFTPerPendingKTokens, st.TTFTPerKPrompt, st.TTFTPerKVUsage =
+			f.theta[0], f.theta[1], f.theta[2], f.theta[3], f.theta[4]
+		st.TPOTBase, st.TPOTPerRunning = f.theta[ttftDims], f.theta[ttftDims+1]
+	}
+	if t := m.lastSeen.Load(); t > 0 {
+		st.LastObserved = time.Unix(0, t)
+	}
+	return st
 }
 
 func secondsToDuration(s float64) time.Duration {

@@ -10,7 +10,7 @@ import (
 // synthetic is a backend whose true latency is linear in its load.
 func synthetic(s LoadState, prompt, out int, speed float64) (ttft, e2e time.Duration) {
 	t := (0.02 + 0.01*s.Pending + 0.03*s.PendingTokens/1000 + 0.05*float64(prompt)/1000) / speed
-	tpot := (0.008 + 0.0005*running(s)) / speed
+	tpot := (0.008 + 0.0005*s.Running) / speed
 	return secondsToDuration(t), secondsToDuration(t + float64(out-1)*tpot)
 }
 
@@ -22,7 +22,8 @@ func TestModelConvergesAndTracksError(t *testing.T) {
 	var lastAPE float64
 	for i := 0; i < 600; i++ {
 		pending := float64(r.IntN(8))
-		s := LoadState{Inflight: pending + float64(r.IntN(16)), Pending: pending, PendingTokens: pending * float64(r.IntN(3000))}
+		run := float64(r.IntN(16))
+		s := LoadState{Inflight: pending + run, Running: run, Pending: pending, PendingTokens: pending * float64(r.IntN(3000))}
 		prompt, out := 50+r.IntN(3000), 10+r.IntN(300)
 		pred := m.Predict(s, prompt, out, &p, now)
 		ttft, e2e := synthetic(s, prompt, out, 0.5)
@@ -30,7 +31,7 @@ func TestModelConvergesAndTracksError(t *testing.T) {
 		if r.IntN(50) == 0 {
 			e2e *= 20
 		}
-		m.Observe(Observation{State: s, PromptTokens: prompt, OutputTokens: out, TTFT: ttft, E2E: e2e, Predicted: pred.E2E}, 1-1.0/256, &p, now)
+		m.Observe(Observation{State: s, Stream: true, PromptTokens: prompt, OutputTokens: out, TTFT: ttft, E2E: e2e, Predicted: pred.E2E}, 1-1.0/256, &p, now)
 		now = now.Add(10 * time.Millisecond)
 		if i == 20 {
 			lastAPE = m.Stats().MAPE
@@ -42,7 +43,7 @@ func TestModelConvergesAndTracksError(t *testing.T) {
 	for _, tc := range []struct {
 		s      LoadState
 		p, out int
-	}{{LoadState{Inflight: 0}, 100, 50}, {LoadState{Inflight: 15, Pending: 5, PendingTokens: 9000}, 2500, 300}} {
+	}{{LoadState{Inflight: 0}, 100, 50}, {LoadState{Inflight: 15, Running: 10, Pending: 5, PendingTokens: 9000}, 2500, 300}} {
 		_, want := synthetic(tc.s, tc.p, tc.out, 0.5)
 		got := m.Predict(tc.s, tc.p, tc.out, &p, now).E2E
 		if e := math.Abs(got.Seconds()-want.Seconds()) / want.Seconds(); e > 0.1 {
@@ -65,12 +66,12 @@ func TestModelColdStartAndStaleness(t *testing.T) {
 	}
 	// teach it that the backend is very slow, then leave it unobserved
 	for i := 0; i < 50; i++ {
-		m.Observe(Observation{OutputTokens: 100, TTFT: 5 * time.Second, E2E: 50 * time.Second}, 0.99, &p, now)
+		m.Observe(Observation{Stream: true, OutputTokens: 100, TTFT: 5 * time.Second, E2E: 50 * time.Second}, 0.99, &p, now)
 	}
 	// meanwhile the rest of the pool is fast: the prior learns that
 	var fast Model
 	for i := 0; i < 300; i++ {
-		fast.Observe(Observation{OutputTokens: 100, TTFT: 50 * time.Millisecond, E2E: time.Second}, 0.99, &p, now)
+		fast.Observe(Observation{Stream: true, OutputTokens: 100, TTFT: 50 * time.Millisecond, E2E: time.Second}, 0.99, &p, now)
 	}
 	slow := m.Predict(LoadState{}, 100, 100, &p, now).E2E.Seconds()
 	later := m.Predict(LoadState{}, 100, 100, &p, now.Add(10*time.Minute)).E2E.Seconds()
@@ -84,7 +85,7 @@ func BenchmarkPredict(b *testing.B) {
 	var p Prior
 	now := time.Now()
 	for i := 0; i < 50; i++ {
-		m.Observe(Observation{State: LoadState{Inflight: float64(i % 7)}, PromptTokens: 500, OutputTokens: 100, TTFT: 50 * time.Millisecond, E2E: time.Second}, 0.99, &p, now)
+		m.Observe(Observation{State: LoadState{Inflight: float64(i % 7)}, Stream: true, PromptTokens: 500, OutputTokens: 100, TTFT: 50 * time.Millisecond, E2E: time.Second}, 0.99, &p, now)
 	}
 	b.ReportAllocs()
 	for b.Loop() {

@@ -14,10 +14,6 @@ import (
 // its own), so an address used by both never drops to zero references.
 var backends = caddy.NewUsagePool()
 
-// prior is the process-wide expectation for backends the model has not
-// learned yet (see Prior).
-var prior Prior
-
 // acquireBackend takes a reference to the backend at addr, creating it.
 func acquireBackend(addr string) *Backend {
 	v, _, _ := backends.LoadOrNew(addr, func() (caddy.Destructor, error) {

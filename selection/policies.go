@@ -74,9 +74,9 @@ type AIPredictiveSelection struct {
 	TTFTWeight *float64 `json:"ttft_weight,omitempty"`
 
 	ttftWeight float64
-	last       atomic.Int64 // index+1 of the previous winner, for sampleMin
 	app        *aibalance.App
 	set        aibalance.BackendSet
+	pool       *aibalance.Pool
 	clock      func() time.Time
 }
 
@@ -101,7 +101,7 @@ func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 		p.ttftWeight = *p.TTFTWeight
 	}
 	var err error
-	p.app, err = provisionStore(ctx, &p.set)
+	p.app, p.pool, err = provisionStore(ctx, &p.set, p.Weights)
 	if p.clock == nil {
 		p.clock = time.Now
 	}
@@ -122,34 +122,56 @@ func (p *AIPredictiveSelection) Validate() error {
 // Cleanup releases the store references.
 func (p *AIPredictiveSelection) Cleanup() error {
 	p.set.Release()
+	if p.pool != nil {
+		aibalance.ReleasePool(p.pool.Key())
+	}
 	return nil
 }
 
 // Select returns the available upstream predicted to finish the request
 // first, or nil if none is available.
+//
+// A candidate's score is its model's optimistic prediction (see
+// aibalance.Optimistic: uncertainty earns a bounded bonus, so what the
+// balancer has not observed gets tried), divided by its weight and by the
+// share of its recent attempts that succeeded: with failure rate p, a
+// request needs 1/(1-p) attempts there on average, so a backend that
+// answers every request with a fast 429 or 500 never looks idle. Backends
+// that asked for a pause with Retry-After, and backends this request has
+// already failed on, are skipped while another is eligible.
 func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
 	if len(pool) == 0 {
 		return nil
 	}
 	f := p.app.Features(r)
+	aibalance.SetRequestPool(r, p.pool)
 	now := p.clock()
-	prior := p.app.Prior()
-	tw := 0.0
+	prior := p.pool.Prior()
+	factor := 1.0
 	if f.Stream {
-		tw = p.ttftWeight
+		factor += p.ttftWeight
 	}
-	score := func(i int, u *reverseproxy.Upstream) float64 {
+	out := float64(f.OutputTokens)
+	score := func(u *reverseproxy.Upstream) float64 {
 		b := p.set.Get(u.Dial)
 		s := b.State(now)
 		// Caddy's own count covers requests proxied without our transport
 		s.Inflight = max(s.Inflight, float64(u.NumRequests()))
-		ttft, tpot := b.Model().PredictSeconds(s, f.PromptTokens, prior, now)
-		return ((1+tw)*ttft + float64(f.OutputTokens)*tpot) / weightOf(p.Weights, i)
+		mean, sd := b.Model().Score(s, f.PromptTokens, out, factor, prior, now)
+		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
 	}
+	c := candidates{weight: p.pool.Weight, tried: aibalance.RequestTried(r), cooling: p.cooling(now)}
 	if p.ChooseAll || len(pool) <= p.Choose {
-		return selectMin(pool, p.Weights, score)
+		return c.pick(pool, score, nil, 0)
 	}
-	return sampleMin(pool, p.Weights, p.Choose, &p.last, score)
+	return c.pick(pool, score, p.pool.Last(), p.Choose)
+}
+
+// maxFailureRate bounds the failure penalty at ×100.
+const maxFailureRate = 0.99
+
+func (p *AIPredictiveSelection) cooling(now time.Time) func(*reverseproxy.Upstream) bool {
+	return func(u *reverseproxy.Upstream) bool { return p.set.Get(u.Dial).CoolingDown(now) }
 }
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
@@ -217,7 +239,9 @@ type LeastTokensSelection struct {
 	// selects the upstream.
 	Weights []int `json:"weights,omitempty"`
 
-	set aibalance.BackendSet
+	app  *aibalance.App
+	set  aibalance.BackendSet
+	pool *aibalance.Pool
 }
 
 // CaddyModule returns the Caddy module information.
@@ -230,7 +254,8 @@ func (*LeastTokensSelection) CaddyModule() caddy.ModuleInfo {
 
 // Provision takes references to the handler's upstreams.
 func (p *LeastTokensSelection) Provision(ctx caddy.Context) error {
-	_, err := provisionStore(ctx, &p.set)
+	var err error
+	p.app, p.pool, err = provisionStore(ctx, &p.set, p.Weights)
 	return err
 }
 
@@ -240,18 +265,27 @@ func (p *LeastTokensSelection) Validate() error { return validateWeights("least_
 // Cleanup releases the store references.
 func (p *LeastTokensSelection) Cleanup() error {
 	p.set.Release()
+	if p.pool != nil {
+		aibalance.ReleasePool(p.pool.Key())
+	}
 	return nil
 }
 
 // Select returns the available upstream with the fewest tokens in flight
-// per unit of weight.
-func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, _ *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
-	return selectMin(pool, p.Weights, func(i int, u *reverseproxy.Upstream) float64 {
+// per unit of weight, skipping (while another is eligible) upstreams in a
+// Retry-After cooldown and those this request already failed on.
+func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
+	p.app.Features(r) // read where the loop's own request is seen, for the transport
+	aibalance.SetRequestPool(r, p.pool)
+	now := time.Now()
+	c := candidates{weight: p.pool.Weight, tried: aibalance.RequestTried(r), cooling: func(u *reverseproxy.Upstream) bool {
+		return p.set.Get(u.Dial).CoolingDown(now)
+	}}
+	return c.pick(pool, func(u *reverseproxy.Upstream) float64 {
 		_, tokens := p.set.Get(u.Dial).Inflight()
-		w := weightOf(p.Weights, i)
 		// requests break ties: a fraction of a token each
-		return (float64(tokens) + float64(u.NumRequests())/(1<<20)) / w
-	})
+		return (float64(tokens) + float64(u.NumRequests())/(1<<20)) / p.pool.Weight(u.Dial)
+	}, nil, 0)
 }
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
@@ -296,11 +330,15 @@ func (p *WeightedLeastConnSelection) Validate() error {
 	return validateWeights("weighted_least_conn", p.Weights)
 }
 
-// Select returns the available upstream with the most weight per active request.
-func (p *WeightedLeastConnSelection) Select(pool reverseproxy.UpstreamPool, _ *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
-	return selectMin(pool, p.Weights, func(i int, u *reverseproxy.Upstream) float64 {
-		return float64(u.NumRequests()+1) / weightOf(p.Weights, i)
-	})
+// Select returns the available upstream with the most weight per active
+// request, skipping upstreams this request already failed on while another
+// is eligible.
+func (p *WeightedLeastConnSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
+	weight := func(addr string) float64 { return positionalWeight(p.Weights, pool, addr) }
+	c := candidates{weight: weight, tried: aibalance.RequestTried(r)}
+	return c.pick(pool, func(u *reverseproxy.Upstream) float64 {
+		return float64(u.NumRequests()+1) / weight(u.Dial)
+	}, nil, 0)
 }
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
@@ -323,41 +361,100 @@ func (p *WeightedLeastConnSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) 
 	return nil
 }
 
-// provisionStore loads the aibalance app and takes references to the
-// handler's static upstreams before the old config lets go of them.
-func provisionStore(ctx caddy.Context, set *aibalance.BackendSet) (*aibalance.App, error) {
+// provisionStore loads the aibalance app, takes references to the
+// handler's static upstreams before the old config lets go of them, and
+// takes the handler's pool, giving it the weights by address.
+func provisionStore(ctx caddy.Context, set *aibalance.BackendSet, weights []int) (*aibalance.App, *aibalance.Pool, error) {
 	app, err := aibalance.Load(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	for _, addr := range aibalance.HandlerUpstreams(ctx) {
+	addrs := aibalance.HandlerUpstreams(ctx)
+	for _, addr := range addrs {
 		set.Get(addr)
 	}
-	return app, nil
+	pool := aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
+	byAddr := map[string]float64{}
+	for i, addr := range addrs {
+		if i < len(weights) {
+			byAddr[addr] = float64(weights[i])
+		}
+	}
+	pool.SetWeights(byAddr)
+	return app, pool, nil
 }
 
-func weightOf(weights []int, i int) float64 {
-	if i < len(weights) {
-		return float64(weights[i])
+// positionalWeight is the weight of the upstream at addr in pool, from
+// weights given in upstream order; 1 when none is given.
+func positionalWeight(weights []int, pool reverseproxy.UpstreamPool, addr string) float64 {
+	for i, u := range pool {
+		if i >= len(weights) {
+			break
+		}
+		if u.Dial == addr {
+			return float64(weights[i])
+		}
 	}
 	return 1
 }
 
-func eligible(weights []int, i int, u *reverseproxy.Upstream) bool {
-	return (i >= len(weights) || weights[i] > 0) && u.Available()
+// candidates decides which upstreams a request may go to, in three levels
+// tried in order until one has a candidate: (0) available, weight above
+// zero, not cooling down and not already tried by this request; (1) the
+// same, cooling down allowed; (2) tried ones allowed too. So a retry never
+// goes back to a backend that failed this request, nor to one that asked
+// for a pause, while another is eligible; and when none is, the request
+// still goes somewhere rather than nowhere.
+type candidates struct {
+	weight  func(addr string) float64
+	tried   *aibalance.Tried
+	cooling func(*reverseproxy.Upstream) bool // nil: no cooldowns known
+}
+
+func (c *candidates) ok(level int, u *reverseproxy.Upstream) bool {
+	if !u.Available() || c.weight(u.Dial) <= 0 {
+		return false
+	}
+	if level < 2 && c.tried.Len() > 0 && c.tried.Has(u.Dial) {
+		return false
+	}
+	if level < 1 && c.cooling != nil && c.cooling(u) {
+		return false
+	}
+	return true
+}
+
+// pick returns the eligible upstream with the lowest score, choosing
+// uniformly among equal scores, and records it as tried. With k > 0 it
+// compares k random eligible upstreams plus the previous winner (memory),
+// else all of them.
+func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reverseproxy.Upstream) float64, memory *atomic.Int64, k int) *reverseproxy.Upstream {
+	for level := 0; level < 3; level++ {
+		var best *reverseproxy.Upstream
+		if k > 0 {
+			best = sampleMin(pool, func(u *reverseproxy.Upstream) bool { return c.ok(level, u) }, k, memory, score)
+		} else {
+			best = selectMin(pool, func(u *reverseproxy.Upstream) bool { return c.ok(level, u) }, score)
+		}
+		if best != nil {
+			c.tried.Add(best.Dial)
+			return best
+		}
+	}
+	return nil
 }
 
 // selectMin scans every eligible upstream and returns the one with the
 // lowest score, choosing uniformly among equal scores (reservoir sampling).
-func selectMin(pool reverseproxy.UpstreamPool, weights []int, score func(int, *reverseproxy.Upstream) float64) *reverseproxy.Upstream {
+func selectMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, score func(*reverseproxy.Upstream) float64) *reverseproxy.Upstream {
 	var best *reverseproxy.Upstream
 	var bestScore float64
 	ties := 0
-	for i, u := range pool {
-		if !eligible(weights, i, u) {
+	for _, u := range pool {
+		if !eligible(u) {
 			continue
 		}
-		s := score(i, u)
+		s := score(u)
 		switch {
 		case best == nil || s < bestScore:
 			best, bestScore, ties = u, s, 1
@@ -374,15 +471,16 @@ func selectMin(pool reverseproxy.UpstreamPool, weights []int, score func(int, *r
 // sampleMin draws k distinct eligible upstreams at random, adds the one that
 // won the previous draw (power of k choices with memory: Mitzenmacher,
 // Prabhakar and Shah, "Load balancing with memory", FOCS 2002), and returns
-// the one with the lowest score. The memory keeps a draw of only slow or busy
-// upstreams from being forced on a request, which matters in the small,
-// uneven pools LLM fleets are; drawing indices (not scanning) keeps it O(k).
-// When too few are found after a bounded number of draws it falls back to a
-// full scan.
-func sampleMin(pool reverseproxy.UpstreamPool, weights []int, k int, memory *atomic.Int64, score func(int, *reverseproxy.Upstream) float64) *reverseproxy.Upstream {
+// the one with the lowest score, ties broken uniformly at random (the
+// previous winner has no edge in a tie). The memory keeps a draw of only
+// slow or busy upstreams from being forced on a request, which matters in
+// the small, uneven pools LLM fleets are; drawing indices (not scanning)
+// keeps it O(k). When too few are found after a bounded number of draws it
+// falls back to a full scan.
+func sampleMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, k int, memory *atomic.Int64, score func(*reverseproxy.Upstream) float64) *reverseproxy.Upstream {
 	var picked [maxChoose + 1]int
 	n := 0
-	if last := int(memory.Load()) - 1; last >= 0 && last < len(pool) && eligible(weights, last, pool[last]) {
+	if last := int(memory.Load()) - 1; last >= 0 && last < len(pool) && eligible(pool[last]) {
 		picked[0] = last
 		n = 1
 	}
@@ -396,21 +494,36 @@ func sampleMin(pool reverseproxy.UpstreamPool, weights []int, k int, memory *ato
 				break
 			}
 		}
-		if dup || !eligible(weights, i, pool[i]) {
+		if dup || !eligible(pool[i]) {
 			continue
 		}
 		picked[n] = i
 		n++
 	}
 	if n < min(k, len(pool)) {
-		return selectMin(pool, weights, score)
-	}
-	bestIdx, bestScore := -1, 0.0
-	for _, i := range picked[:n] {
-		// the random draws come in random order; strict < breaks their ties at random
-		if s := score(i, pool[i]); bestIdx < 0 || s < bestScore {
-			bestIdx, bestScore = i, s
+		best := selectMin(pool, eligible, score)
+		for i, u := range pool {
+			if u == best {
+				memory.Store(int64(i) + 1)
+			}
 		}
+		return best
+	}
+	bestIdx, bestScore, ties := -1, 0.0, 0
+	for _, i := range picked[:n] {
+		s := score(pool[i])
+		switch {
+		case bestIdx < 0 || s < bestScore:
+			bestIdx, bestScore, ties = i, s, 1
+		case s == bestScore:
+			ties++
+			if rand.IntN(ties) == 0 {
+				bestIdx = i
+			}
+		}
+	}
+	if bestIdx < 0 {
+		return nil
 	}
 	memory.Store(int64(bestIdx) + 1)
 	return pool[bestIdx]

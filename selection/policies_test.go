@@ -23,7 +23,36 @@ func testPool(t testing.TB, n int) reverseproxy.UpstreamPool {
 }
 
 func newPredictive(k int, all bool, weights ...int) *AIPredictiveSelection {
-	return &AIPredictiveSelection{Choose: k, ChooseAll: all, Weights: weights, app: aibalance.NewApp(), clock: time.Now}
+	return &AIPredictiveSelection{Choose: k, ChooseAll: all, Weights: weights, app: aibalance.NewApp(), pool: testPoolObj(weights), clock: time.Now}
+}
+
+// testPoolObj is a pool whose weights are given in the order of testPool's
+// upstreams; the addresses are filled in by withWeights.
+func testPoolObj(weights []int) *aibalance.Pool {
+	p := aibalance.NewPool("test")
+	pendingWeights[p] = weights
+	return p
+}
+
+var pendingWeights = map[*aibalance.Pool][]int{}
+
+// bindWeights gives a test policy's pool its weights by address.
+func bindWeights(p *aibalance.Pool, pool reverseproxy.UpstreamPool) {
+	w, ok := pendingWeights[p]
+	if !ok {
+		return
+	}
+	m := map[string]float64{}
+	for i, u := range pool {
+		if i < len(w) {
+			m[u.Dial] = float64(w[i])
+		}
+	}
+	p.SetWeights(m)
+}
+
+func newLeastTokens(weights ...int) *LeastTokensSelection {
+	return &LeastTokensSelection{Weights: weights, app: aibalance.NewApp(), pool: testPoolObj(weights)}
 }
 
 func chatRequest() *http.Request {
@@ -35,6 +64,13 @@ func chatRequest() *http.Request {
 func loadUp(t *testing.T, sel reverseproxy.Selector, set *aibalance.BackendSet, pool reverseproxy.UpstreamPool, n int) map[string]int {
 	t.Helper()
 	app := aibalance.NewApp()
+	var prior aibalance.Prior
+	switch p := sel.(type) {
+	case *AIPredictiveSelection:
+		bindWeights(p.pool, pool)
+	case *LeastTokensSelection:
+		bindWeights(p.pool, pool)
+	}
 	counts := map[string]int{}
 	for i := 0; i < n; i++ {
 		r := chatRequest()
@@ -44,7 +80,7 @@ func loadUp(t *testing.T, sel reverseproxy.Selector, set *aibalance.BackendSet, 
 		}
 		counts[u.Dial]++
 		b := set.Get(u.Dial)
-		b.Begin(app.Features(r), app.Prior(), time.Now())
+		b.Begin(app.Features(r), &prior, time.Now())
 	}
 	return counts
 }
@@ -63,7 +99,7 @@ func TestWeightsRespectedInDistribution(t *testing.T) {
 			return p, &p.set
 		}},
 		{"least_tokens", func() (reverseproxy.Selector, *aibalance.BackendSet) {
-			p := &LeastTokensSelection{Weights: []int{3, 1, 0}}
+			p := newLeastTokens(3, 1, 0)
 			return p, &p.set
 		}},
 	} {
@@ -105,7 +141,7 @@ func TestWeightedLeastConn(t *testing.T) {
 func TestEmptyAndIneligiblePools(t *testing.T) {
 	pool := testPool(t, 4)
 	for _, sel := range []reverseproxy.Selector{
-		newPredictive(2, false), newPredictive(2, true), &LeastTokensSelection{}, &WeightedLeastConnSelection{},
+		newPredictive(2, false), newPredictive(2, true), newLeastTokens(), &WeightedLeastConnSelection{},
 	} {
 		if u := sel.Select(nil, chatRequest(), nil); u != nil {
 			t.Fatalf("%T: empty pool gave %v", sel, u)
@@ -114,6 +150,7 @@ func TestEmptyAndIneligiblePools(t *testing.T) {
 	// every upstream but one excluded: power-of-k must still find it, never another
 	p := newPredictive(2, false, 0, 0, 1, 0)
 	defer p.set.Release()
+	bindWeights(p.pool, pool)
 	for i := 0; i < 100; i++ {
 		if u := p.Select(pool, chatRequest(), nil); u != pool[2] {
 			t.Fatalf("got %v, want the only eligible upstream", u)
@@ -131,9 +168,10 @@ func TestPredictivePrefersFasterBackend(t *testing.T) {
 	for i := 0; i < 40; i++ {
 		for j, slow := range []float64{1, 3} {
 			b := p.set.Get(pool[j].Dial)
-			f := &aibalance.Features{PromptTokens: 200, OutputTokens: 100}
-			a := b.Begin(f, app.Prior(), now)
-			a.End(aibalance.Outcome{Status: 200, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, app.Lambda(), app.Prior(), now)
+			f := &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 200, OutputTokens: 100}
+			a := b.Begin(f, p.pool.Prior(), now)
+			a.FirstToken()
+			a.End(aibalance.Outcome{Status: 200, Stream: true, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, app.Lambda(), p.pool.Prior(), now)
 		}
 	}
 	c := loadUp(t, p, &p.set, pool, 40)
@@ -201,12 +239,12 @@ func TestStreamsWeighFirstToken(t *testing.T) {
 	now := time.Now()
 	for i := 0; i < 40; i++ {
 		for j, o := range []aibalance.Outcome{
-			{Status: 200, TTFT: 800 * time.Millisecond, E2E: 800*time.Millisecond + 99*10*time.Millisecond, OutputTokens: 100},
-			{Status: 200, TTFT: 20 * time.Millisecond, E2E: 20*time.Millisecond + 99*25*time.Millisecond, OutputTokens: 100},
+			{Status: 200, Stream: true, TTFT: 800 * time.Millisecond, E2E: 800*time.Millisecond + 99*10*time.Millisecond, OutputTokens: 100},
+			{Status: 200, Stream: true, TTFT: 20 * time.Millisecond, E2E: 20*time.Millisecond + 99*25*time.Millisecond, OutputTokens: 100},
 		} {
-			a := p.set.Get(pool[j].Dial).Begin(&aibalance.Features{PromptTokens: 100, OutputTokens: 100}, p.app.Prior(), now)
+			a := p.set.Get(pool[j].Dial).Begin(&aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 100, OutputTokens: 100}, p.pool.Prior(), now)
 			a.FirstToken()
-			a.End(o, p.app.Lambda(), p.app.Prior(), now)
+			a.End(o, p.app.Lambda(), p.pool.Prior(), now)
 		}
 	}
 	req := func(stream bool) *http.Request {
@@ -238,7 +276,7 @@ func BenchmarkSelect(b *testing.B) {
 		pool := testPool(b, n)
 		pred := newPredictive(2, false)
 		predAll := newPredictive(2, true)
-		lt := &LeastTokensSelection{}
+		lt := newLeastTokens()
 		wlc := &WeightedLeastConnSelection{}
 		for _, s := range []struct {
 			name string

@@ -3,13 +3,9 @@
 package selection
 
 import (
-	"bytes"
 	"errors"
-	"io"
 	"net"
 	"net/http"
-	"strconv"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -48,6 +44,7 @@ type Transport struct {
 
 	app   *aibalance.App
 	set   aibalance.BackendSet
+	pool  *aibalance.Pool // the handler's, for requests no policy of ours routed
 	clock func() time.Time
 }
 
@@ -76,12 +73,16 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 	for _, addr := range aibalance.HandlerUpstreams(ctx) {
 		t.set.Get(addr)
 	}
+	t.pool = aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
 	return nil
 }
 
 // Cleanup releases the store references and the embedded transport.
 func (t *Transport) Cleanup() error {
 	t.set.Release()
+	if t.pool != nil {
+		aibalance.ReleasePool(t.pool.Key())
+	}
 	return t.HTTPTransport.Cleanup()
 }
 
@@ -97,9 +98,16 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	b := t.set.Get(di.Upstream.Dial)
-	f := t.app.Features(req)
+	// req is this attempt's shallow copy: its body must not be peeked here
+	// (a retry would lose the bytes), so the features are the ones the
+	// policy read on the loop's own request, or the path's alone.
+	f := aibalance.HeaderFeatures(req, t.app.FeatureConfig())
+	pool := aibalance.RequestPool(req)
+	if pool == nil {
+		pool = t.pool
+	}
 	start := t.clock()
-	att := b.Begin(f, t.app.Prior(), start)
+	att := b.Begin(f, pool.Prior(), start)
 
 	res, err := t.HTTPTransport.RoundTrip(req)
 	if err != nil {
@@ -109,30 +117,37 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		switch {
 		case errors.As(err, new(reverseproxy.DialError)):
 			o.DialError = true
-		case errors.As(err, &ne) && ne.Timeout():
-			o.Timeout = true
 		case ctx.Err() != nil:
 			o.Canceled = true
+		case errors.As(err, &ne) && ne.Timeout():
+			o.Timeout = true
 		}
-		att.End(o, t.app.Lambda(), t.app.Prior(), now)
+		att.End(o, t.app.Lambda(), pool.Prior(), now)
 		return nil, err // unchanged: Caddy decides retries by its type
 	}
-	ob := &observedBody{
+	outcome := aibalance.Outcome{
+		Status:     res.StatusCode,
+		Headers:    t.clock().Sub(start),
+		RetryAfter: retryAfter(res, start),
+	}
+	// An upgraded connection (WebSocket, the OpenAI Realtime API) is not a
+	// request/response exchange: its body must stay the read-writer Caddy
+	// expects, and its life says nothing of the engine's speed.
+	if res.StatusCode == http.StatusSwitchingProtocols || res.Body == nil || res.Body == http.NoBody {
+		now := t.clock()
+		outcome.E2E = now.Sub(start)
+		att.End(outcome, t.app.Lambda(), pool.Prior(), now)
+		return res, nil
+	}
+	res.Body = &observedBody{
 		ReadCloser: res.Body,
 		t:          t,
 		att:        att,
+		prior:      pool.Prior(),
+		api:        f.API,
 		sse:        isEventStream(res.Header.Get("Content-Type")),
-		outcome: aibalance.Outcome{
-			Status:     res.StatusCode,
-			Headers:    t.clock().Sub(start),
-			RetryAfter: retryAfter(res, start),
-		},
+		outcome:    outcome,
 	}
-	if res.Body == nil || res.Body == http.NoBody {
-		ob.finish(nil)
-		return res, nil
-	}
-	res.Body = ob
 	return res, nil
 }
 
@@ -144,204 +159,6 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 //	}
 func (t *Transport) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return t.HTTPTransport.UnmarshalCaddyfile(d)
-}
-
-func isEventStream(contentType string) bool {
-	return len(contentType) >= 17 && contentType[:17] == "text/event-stream"
-}
-
-// retryAfter reads a 429/503 answer's Retry-After: seconds or an HTTP date.
-func retryAfter(res *http.Response, now time.Time) time.Duration {
-	if res.StatusCode != http.StatusTooManyRequests && res.StatusCode != http.StatusServiceUnavailable {
-		return 0
-	}
-	v := res.Header.Get("Retry-After")
-	if v == "" {
-		return 0
-	}
-	if secs, err := strconv.Atoi(v); err == nil {
-		return time.Duration(max(secs, 0)) * time.Second
-	}
-	if when, err := http.ParseTime(v); err == nil && when.After(now) {
-		return when.Sub(now)
-	}
-	return 0
-}
-
-// observedBody watches a response body as Caddy copies it to the client.
-// It reads nothing on its own and holds on to nothing but a bounded carry of
-// one partial SSE line and the last bytes of a JSON answer.
-type observedBody struct {
-	io.ReadCloser
-	t       *Transport
-	att     aibalance.Attempt
-	sse     bool
-	outcome aibalance.Outcome
-	once    sync.Once
-
-	bytes  int64
-	events int    // SSE events that carried content
-	usage  int    // usage.completion_tokens, when seen
-	carry  []byte // partial SSE line (bounded)
-	tail   []byte // last bytes of a non-SSE body (bounded)
-}
-
-const (
-	maxCarry = 4 << 10
-	maxTail  = 512
-)
-
-func (o *observedBody) Read(p []byte) (int, error) {
-	n, err := o.ReadCloser.Read(p)
-	if n > 0 {
-		if o.bytes == 0 && !o.sse {
-			o.outcome.TTFT = o.t.clock().Sub(o.att.Start())
-			o.att.FirstToken()
-		}
-		o.bytes += int64(n)
-		if o.sse {
-			o.scanSSE(p[:n])
-		} else {
-			o.keepTail(p[:n])
-		}
-	}
-	if err != nil {
-		if err == io.EOF {
-			o.finish(nil)
-		} else {
-			o.finish(err)
-		}
-	}
-	return n, err
-}
-
-// Close ends the observation; a body closed before its end was cut short
-// by the client or by Caddy, not by the backend.
-func (o *observedBody) Close() error {
-	o.finish(errClosedEarly)
-	return o.ReadCloser.Close()
-}
-
-var errClosedEarly = errors.New("closed before the end")
-
-func (o *observedBody) finish(err error) {
-	o.once.Do(func() {
-		now := o.t.clock()
-		out := o.outcome
-		out.E2E = now.Sub(o.att.Start())
-		switch {
-		case err == errClosedEarly:
-			out.Canceled = true
-		case err != nil:
-			out.StreamError = true
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				out.Timeout = true
-			}
-		}
-		switch {
-		case o.usage > 0:
-			out.OutputTokens = o.usage
-		case o.sse:
-			out.OutputTokens = o.events
-		default:
-			out.OutputTokens = int(o.bytes / int64(max(o.t.app.FeatureConfig().CharsPerToken, 1)))
-			if u := usageIn(o.tail); u > 0 {
-				out.OutputTokens = u
-			}
-		}
-		if out.TTFT == 0 && o.bytes > 0 {
-			out.TTFT = out.E2E
-		}
-		o.att.End(out, o.t.app.Lambda(), o.t.app.Prior(), now)
-	})
-}
-
-func (o *observedBody) keepTail(p []byte) {
-	if len(p) >= maxTail {
-		o.tail = append(o.tail[:0], p[len(p)-maxTail:]...)
-		return
-	}
-	if over := len(o.tail) + len(p) - maxTail; over > 0 {
-		o.tail = append(o.tail[:0], o.tail[over:]...)
-	}
-	o.tail = append(o.tail, p...)
-}
-
-// scanSSE splits p into lines (joining a line split across reads) and looks
-// at each "data:" line.
-func (o *observedBody) scanSSE(p []byte) {
-	for len(p) > 0 {
-		i := bytes.IndexByte(p, '\n')
-		if i < 0 {
-			if room := maxCarry - len(o.carry); room > 0 {
-				o.carry = append(o.carry, p[:min(len(p), room)]...)
-			}
-			return
-		}
-		line := p[:i]
-		if len(o.carry) > 0 {
-			if room := maxCarry - len(o.carry); room > 0 {
-				o.carry = append(o.carry, line[:min(len(line), room)]...)
-			}
-			line = o.carry
-		}
-		o.sseLine(line)
-		o.carry = o.carry[:0]
-		p = p[i+1:]
-	}
-}
-
-var (
-	dataPrefix   = []byte("data:")
-	usageKey     = []byte(`"completion_tokens":`)
-	contentKey   = []byte(`"content":"`)
-	textKey      = []byte(`"text":"`)
-	doneSentinel = []byte("[DONE]")
-)
-
-func (o *observedBody) sseLine(line []byte) {
-	data, ok := bytes.CutPrefix(line, dataPrefix)
-	if !ok {
-		return
-	}
-	data = bytes.TrimSpace(data)
-	if bytes.Equal(data, doneSentinel) {
-		return
-	}
-	if u := usageIn(data); u > 0 {
-		o.usage = u
-	}
-	if hasContent(data, contentKey) || hasContent(data, textKey) {
-		if o.events == 0 {
-			o.outcome.TTFT = o.t.clock().Sub(o.att.Start())
-			o.att.FirstToken()
-		}
-		o.events++
-	}
-}
-
-// hasContent reports whether key is followed by a non-empty string.
-func hasContent(data, key []byte) bool {
-	i := bytes.Index(data, key)
-	return i >= 0 && i+len(key) < len(data) && data[i+len(key)] != '"'
-}
-
-// usageIn finds "completion_tokens": N in b.
-func usageIn(b []byte) int {
-	i := bytes.LastIndex(b, usageKey)
-	if i < 0 {
-		return 0
-	}
-	b = bytes.TrimLeft(b[i+len(usageKey):], " ")
-	n := 0
-	for _, c := range b {
-		if c < '0' || c > '9' || n > 1<<30 {
-			break
-		}
-		n = n*10 + int(c-'0')
-	}
-	return n
 }
 
 // Interface guards

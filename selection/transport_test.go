@@ -16,8 +16,9 @@ func newObserved(t *testing.T, body string, sse bool) (*observedBody, *aibalance
 	t.Cleanup(set.Release)
 	b := set.Get(t.Name() + ":" + strconv.Itoa(len(body)))
 	tr := &Transport{app: aibalance.NewApp(), clock: time.Now}
-	att := b.Begin(&aibalance.Features{PromptTokens: 10, OutputTokens: 5}, tr.app.Prior(), time.Now())
-	return &observedBody{ReadCloser: io.NopCloser(strings.NewReader(body)), t: tr, att: att, sse: sse, outcome: aibalance.Outcome{Status: 200}}, b
+	prior := new(aibalance.Prior)
+	att := b.Begin(&aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: sse, PromptTokens: 10, OutputTokens: 5}, prior, time.Now())
+	return &observedBody{ReadCloser: io.NopCloser(strings.NewReader(body)), t: tr, att: att, prior: prior, api: aibalance.APIChat, sse: sse, outcome: aibalance.Outcome{Status: 200}}, b
 }
 
 // readIn reads o in chunks of n bytes, as a proxy copying a stream would.
@@ -89,8 +90,9 @@ func FuzzObservedBody(f *testing.F) {
 		defer set.Release()
 		b := set.Get("fuzz-observed")
 		tr := &Transport{app: aibalance.NewApp(), clock: time.Now}
-		att := b.Begin(&aibalance.Features{}, tr.app.Prior(), time.Now())
-		o := &observedBody{ReadCloser: io.NopCloser(bytes.NewReader(body)), t: tr, att: att, sse: sse, outcome: aibalance.Outcome{Status: 200}}
+		prior := new(aibalance.Prior)
+		att := b.Begin(&aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: sse}, prior, time.Now())
+		o := &observedBody{ReadCloser: io.NopCloser(bytes.NewReader(body)), t: tr, att: att, prior: prior, sse: sse, outcome: aibalance.Outcome{Status: 200}}
 		readIn(o, int(chunk)+1)
 		_ = o.Close()
 		if len(o.carry) > maxCarry || len(o.tail) > maxTail || o.usage < 0 || o.events < 0 {

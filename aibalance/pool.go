@@ -1,0 +1,174 @@
+package aibalance
+
+import (
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+)
+
+// Pool is what belongs to one pool of engines — a reverse_proxy handler's
+// upstream list, or a dynamic source — rather than to one engine: the prior
+// for engines the model has not learned yet, the weights by address and the
+// previous winner. Two pools (say a 70B pool and an 8B pool in one Caddy)
+// never share cold-start beliefs. Pools live in a process-wide usage pool
+// keyed by their members, so they survive config reloads like backends do.
+type Pool struct {
+	key     string
+	prior   Prior
+	weights atomic.Pointer[map[string]float64]
+	last    atomic.Int64 // index+1 in the handler's upstream list of the previous winner
+}
+
+var pools = caddy.NewUsagePool()
+
+// Destruct implements caddy.Destructor.
+func (p *Pool) Destruct() error { return nil }
+
+// Key is the pool's identity: its members in order, or its dynamic source.
+func (p *Pool) Key() string { return p.key }
+
+// Prior is the pool's expectation for engines not learned yet.
+func (p *Pool) Prior() *Prior { return &p.prior }
+
+// Last is the previous winner's memory for power-of-k sampling.
+func (p *Pool) Last() *atomic.Int64 { return &p.last }
+
+// SetWeights sets the pool's weights by address (the config's positional
+// weights, resolved once at provision). Addresses without a weight have 1.
+func (p *Pool) SetWeights(w map[string]float64) {
+	if len(w) == 0 {
+		p.weights.Store(nil)
+		return
+	}
+	p.weights.Store(&w)
+}
+
+// Weight is the weight of the upstream at addr: 1 unless set.
+func (p *Pool) Weight(addr string) float64 {
+	if m := p.weights.Load(); m != nil {
+		if w, ok := (*m)[addr]; ok {
+			return w
+		}
+	}
+	return 1
+}
+
+// AcquirePool takes a reference to the pool with key, creating it.
+func AcquirePool(key string) *Pool {
+	v, _, _ := pools.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return &Pool{key: key}, nil
+	})
+	return v.(*Pool)
+}
+
+// ReleasePool drops a reference; the pool is deleted with the last one.
+func ReleasePool(key string) { _, _ = pools.Delete(key) }
+
+// HandlerPoolKey names the pool of the reverse_proxy handler that is
+// provisioning the current module: its static upstreams in order, or its
+// dynamic upstream source's config. Every module of one handler (policy,
+// transport) gets the same key, and a reload of the same config too.
+func HandlerPoolKey(ctx caddy.Context) string {
+	mods := ctx.Modules()
+	for i := len(mods) - 1; i >= 0; i-- {
+		h, ok := mods[i].(*reverseproxy.Handler)
+		if !ok {
+			continue
+		}
+		if len(h.Upstreams) == 0 && len(h.DynamicUpstreamsRaw) > 0 {
+			return "dynamic:" + string(h.DynamicUpstreamsRaw)
+		}
+		addrs := make([]string, 0, len(h.Upstreams))
+		for _, u := range h.Upstreams {
+			addrs = append(addrs, u.Dial)
+		}
+		return "static:" + strings.Join(addrs, " ")
+	}
+	return "standalone"
+}
+
+// poolVarKey holds the request's *Pool, set by the policy that chose the
+// upstream, so the transport teaches the right pool's prior.
+const poolVarKey = "aibalance.pool"
+
+// SetRequestPool records the pool that routes r.
+func SetRequestPool(r *http.Request, p *Pool) {
+	if r.Context().Value(caddyhttp.VarsCtxKey) != nil {
+		caddyhttp.SetVar(r.Context(), poolVarKey, p)
+	}
+}
+
+// RequestPool returns the pool recorded for r, or nil.
+func RequestPool(r *http.Request) *Pool {
+	p, _ := caddyhttp.GetVar(r.Context(), poolVarKey).(*Pool)
+	return p
+}
+
+// triedVarKey holds the upstreams a request has already been sent to.
+const triedVarKey = "aibalance.tried"
+
+// Tried is the set of upstreams one request was already sent to. A policy
+// is called again for the same request only when an attempt failed, so a
+// retry avoids them while another upstream is eligible. Attempts of one
+// request run one after another; the lock only guards against misuse.
+type Tried struct {
+	mu    sync.Mutex
+	addrs []string
+}
+
+// RequestTried returns r's tried set, creating it (nil without vars).
+func RequestTried(r *http.Request) *Tried {
+	if t, ok := caddyhttp.GetVar(r.Context(), triedVarKey).(*Tried); ok {
+		return t
+	}
+	if r.Context().Value(caddyhttp.VarsCtxKey) == nil {
+		return nil
+	}
+	t := new(Tried)
+	caddyhttp.SetVar(r.Context(), triedVarKey, t)
+	return t
+}
+
+// Has reports whether addr was tried. A nil set has nothing.
+func (t *Tried) Has(addr string) bool {
+	if t == nil {
+		return false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, a := range t.addrs {
+		if a == addr {
+			return true
+		}
+	}
+	return false
+}
+
+// Len is how many upstreams were tried.
+func (t *Tried) Len() int {
+	if t == nil {
+		return 0
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.addrs)
+}
+
+// Add records that addr is being tried.
+func (t *Tried) Add(addr string) {
+	if t == nil {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.addrs = append(t.addrs, addr)
+}
+
+// NewPool returns a pool outside the process-wide set, for programs and
+// tests that route without a Caddy config.
+func NewPool(key string) *Pool { return &Pool{key: key} }
