@@ -204,7 +204,7 @@ type Outcome struct {
 	Headers      time.Duration // to the response headers; 0 if none came
 	TTFT         time.Duration // to first token (streams); 0 if none
 	E2E          time.Duration // to the end of the body
-	OutputTokens int // -1: unknown (an answer without usage), which teaches nothing
+	OutputTokens int           // -1: unknown (an answer without usage), which teaches nothing
 }
 
 // Failed reports whether the attempt failed through the backend's fault:
