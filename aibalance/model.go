@@ -154,7 +154,9 @@ func dot(a, b *[modelDims]float64) float64 {
 func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 	e := y - dot(&r.theta, &x)
 	if r.scale[kind] == 0 {
-		r.scale[kind] = math.Abs(y)/2 + 1e-6
+		// the first residual sets the scale, so a prior far from the
+		// truth is corrected at once instead of clipped
+		r.scale[kind] = max(math.Abs(e), math.Abs(y)/2) + 1e-6
 	}
 	s := r.scale[kind]
 	r.scale[kind] = 0.95*s + 0.05*min(math.Abs(e), clipSigmas*s)
@@ -421,7 +423,8 @@ func (m *Model) Observe(o Observation, lambda float64, prior *Prior, now time.Ti
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.samples.Load() == 0 {
-		m.r = newRLS(pTTFT, pTPOT)
+		// start from the pool's belief, which this observation just moved
+		m.r = newRLS(prior.values())
 	}
 	xt, xp := ttftFeatures(o.State, o.PromptTokens), tpotFeatures(o.State)
 	q := queueing(o.State)

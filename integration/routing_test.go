@@ -73,6 +73,7 @@ func TestTransportMeasures(t *testing.T) {
 http://127.0.0.1:%d {
 	reverse_proxy %s {
 		transport aibalance
+		request_buffers 1MiB
 		health_uri /health
 		health_interval 50ms
 	}

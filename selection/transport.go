@@ -46,6 +46,9 @@ type Transport struct {
 	set   aibalance.BackendSet
 	pool  *aibalance.Pool // the handler's, for requests no policy of ours routed
 	clock func() time.Time
+	// requestBuffers is the handler's request_buffers: bodies it buffers
+	// whole are given to each attempt afresh, so the transport may read them
+	requestBuffers int64
 }
 
 // CaddyModule returns the Caddy module information.
@@ -74,6 +77,13 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 		t.set.Get(addr)
 	}
 	t.pool = aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
+	mods := ctx.Modules()
+	for i := len(mods) - 1; i >= 0; i-- {
+		if h, ok := mods[i].(*reverseproxy.Handler); ok {
+			t.requestBuffers = h.RequestBuffers
+			break
+		}
+	}
 	return nil
 }
 
@@ -98,10 +108,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	b := t.set.Get(di.Upstream.Dial)
-	// req is this attempt's shallow copy: its body must not be peeked here
-	// (a retry would lose the bytes), so the features are the ones the
-	// policy read on the loop's own request, or the path's alone.
-	f := aibalance.HeaderFeatures(req, t.app.FeatureConfig())
+	f := t.features(req)
 	pool := aibalance.RequestPool(req)
 	if pool == nil {
 		pool = t.pool
@@ -149,6 +156,23 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		outcome:    outcome,
 	}
 	return res, nil
+}
+
+// features returns the request's features. req is this attempt's shallow
+// copy of the proxy loop's request: a body read here is lost for a retry
+// (a dial error, say, which Caddy retries with the same body). So these are
+// the features a policy of ours read on the loop's own request; or, under
+// another policy, the body's own when Caddy buffered it whole (it then
+// gives every attempt a fresh reader of its buffer); or the path's alone.
+func (t *Transport) features(req *http.Request) *aibalance.Features {
+	cfg := t.app.FeatureConfig()
+	if f := aibalance.CachedFeatures(req); f != nil {
+		return f
+	}
+	if t.requestBuffers != 0 && req.ContentLength > 0 && (t.requestBuffers < 0 || req.ContentLength < t.requestBuffers) {
+		return aibalance.RequestFeatures(req, cfg)
+	}
+	return aibalance.HeaderFeatures(req, cfg)
 }
 
 // UnmarshalCaddyfile sets up the transport from Caddyfile tokens. It takes

@@ -1,0 +1,213 @@
+package aibalance
+
+import (
+	"math"
+	"testing"
+	"time"
+)
+
+func work(stream bool) *Features {
+	return &Features{API: APIChat, Parsed: true, Stream: stream, PromptTokens: 100, OutputTokens: 50}
+}
+
+// TestSideTrafficTeachesNothing: probes, model listings and unknown shapes
+// that answer in a millisecond count in flight but never train the model
+// or the pool's prior, nor lower the failure rate.
+func TestSideTrafficTeachesNothing(t *testing.T) {
+	b := newBackend("side")
+	var prior Prior
+	now := time.Unix(1000, 0)
+	for _, f := range []*Features{
+		{API: APINone, OutputTokens: 256},                                // GET /v1/models, /health
+		{API: APIChat, OutputTokens: 256},                                // a chat POST whose body was not JSON
+		{API: APINone, Parsed: true, PromptTokens: 5, OutputTokens: 256}, // an unknown path with JSON
+	} {
+		a := b.Begin(f, &prior, now)
+		if in, _ := b.Inflight(); in != 1 {
+			t.Fatalf("side request not counted in flight: %d", in)
+		}
+		a.End(Outcome{Status: 200, E2E: time.Millisecond, TTFT: time.Millisecond, OutputTokens: 0}, 0.99, &prior, now)
+	}
+	if n := b.Model().Stats().Samples; n != 0 {
+		t.Fatalf("side traffic trained the model: %d samples", n)
+	}
+	if prior.ttft.Load() != 0 || prior.tpot.Load() != 0 {
+		t.Fatal("side traffic moved the pool's prior")
+	}
+	// a real request does train it
+	a := b.Begin(work(true), &prior, now)
+	a.FirstToken()
+	a.End(Outcome{Status: 200, Stream: true, TTFT: 50 * time.Millisecond, E2E: time.Second, OutputTokens: 50}, 0.99, &prior, now)
+	if n := b.Model().Stats().Samples; n != 1 || prior.ttft.Load() == 0 {
+		t.Fatalf("LLM work did not train: %d samples", n)
+	}
+}
+
+// TestPendingAgeDoesNotOverflow: the sum of many pending start times once
+// overflowed an int64 at six requests.
+func TestPendingAgeDoesNotOverflow(t *testing.T) {
+	b := newBackend("overflow")
+	var prior Prior
+	now := time.Now()
+	var atts []Attempt
+	for i := 0; i < 1000; i++ {
+		atts = append(atts, b.Begin(work(true), &prior, now.Add(-time.Duration(i)*time.Millisecond)))
+	}
+	s := b.State(now)
+	if s.Pending != 1000 || s.PendingAge < 0.4 || s.PendingAge > 0.6 {
+		t.Fatalf("1000 pending streams, mean age %.3fs (want ~0.5s)", s.PendingAge)
+	}
+	p := b.Model().Predict(s, 100, 100, &prior, now)
+	if p.TTFT <= 0 || p.TTFT > time.Hour {
+		t.Fatalf("predicted TTFT %v", p.TTFT)
+	}
+	for i := range atts {
+		atts[i].End(Outcome{Canceled: true}, 0.99, &prior, now)
+	}
+	if st := b.Stats(); st.Pending != 0 || st.Inflight != 0 {
+		t.Fatalf("left %d pending, %d in flight", st.Pending, st.Inflight)
+	}
+}
+
+// TestNonStreamingIsNotPending: a non-streaming request shows no first
+// token, so it never counts as pending, and its completion time trains the
+// model.
+func TestNonStreamingIsNotPending(t *testing.T) {
+	b := newBackend("nonstream")
+	var prior Prior
+	now := time.Unix(1000, 0)
+	a := b.Begin(work(false), &prior, now)
+	if s := b.State(now); s.Pending != 0 || s.Running != 1 {
+		t.Fatalf("a non-streaming request in flight: pending %v running %v", s.Pending, s.Running)
+	}
+	a.End(Outcome{Status: 200, E2E: 2 * time.Second, OutputTokens: 100}, 0.99, &prior, now)
+	if n := b.Model().Stats().Samples; n != 1 {
+		t.Fatalf("the answer did not train the model: %d", n)
+	}
+	// an answer without usage (output unknown) teaches nothing
+	a = b.Begin(work(false), &prior, now)
+	a.End(Outcome{Status: 200, E2E: time.Second, OutputTokens: -1}, 0.99, &prior, now)
+	if n := b.Model().Stats().Samples; n != 1 {
+		t.Fatalf("an answer of unknown length trained the model: %d", n)
+	}
+}
+
+// TestNonStreamingLearnsItsSpeed: trained on completion times alone, the
+// joint fit tells a slow backend from a fast one, for any output length.
+func TestNonStreamingLearnsItsSpeed(t *testing.T) {
+	var prior Prior
+	now := time.Unix(1000, 0)
+	fast, slow := newBackend("f"), newBackend("s")
+	for i := 0; i < 200; i++ {
+		out := 20 + (i*37)%400
+		for _, c := range []struct {
+			b     *Backend
+			speed float64
+		}{{fast, 1}, {slow, 0.3}} {
+			e2e := (0.05 + 0.01*float64(out-1)) / c.speed
+			a := c.b.Begin(work(false), &prior, now)
+			a.End(Outcome{Status: 200, E2E: secondsToDuration(e2e), OutputTokens: out}, 0.99, &prior, now)
+		}
+	}
+	for _, out := range []int{10, 500} {
+		pf := fast.Model().Predict(LoadState{}, 100, out, &prior, now).E2E.Seconds()
+		ps := slow.Model().Predict(LoadState{}, 100, out, &prior, now).E2E.Seconds()
+		want := 0.05 + 0.01*float64(out-1)
+		if math.Abs(pf-want)/want > 0.25 || math.Abs(ps-want/0.3)/(want/0.3) > 0.25 {
+			t.Fatalf("output %d: predicted fast %.2fs slow %.2fs, true %.2fs and %.2fs", out, pf, ps, want, want/0.3)
+		}
+	}
+}
+
+// TestFailuresCount: fast failures raise the failure rate at once, client
+// cancellations and 4xx do not, and the rate is forgiven with time.
+func TestFailuresCount(t *testing.T) {
+	var prior Prior
+	now := time.Unix(1000, 0)
+	for _, tc := range []struct {
+		name string
+		o    Outcome
+		fail bool
+	}{
+		{"429", Outcome{Status: 429, RetryAfter: 5 * time.Second}, true},
+		{"500", Outcome{Status: 500}, true},
+		{"dial", Outcome{DialError: true}, true},
+		{"timeout", Outcome{Timeout: true}, true},
+		{"cut stream", Outcome{Status: 200, StreamError: true}, true},
+		{"client cancel", Outcome{Canceled: true}, false},
+		{"client cancel mid-stream", Outcome{Status: 200, Canceled: true}, false},
+		{"400", Outcome{Status: 400}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBackend(tc.name)
+			for i := 0; i < 5; i++ {
+				a := b.Begin(work(true), &prior, now)
+				a.End(tc.o, 0.99, &prior, now)
+			}
+			r := b.FailureRate(now)
+			if tc.fail != (r > 0.5) {
+				t.Fatalf("failure rate %.2f after 5 × %s", r, tc.name)
+			}
+			if tc.fail && b.FailureRate(now.Add(5*failureMemory)) > 0.05 {
+				t.Fatal("failures never forgiven")
+			}
+		})
+	}
+}
+
+// TestCooldownNeverShortened: a later, shorter Retry-After does not end a
+// running cooldown.
+func TestCooldownNeverShortened(t *testing.T) {
+	var prior Prior
+	b := newBackend("cool")
+	now := time.Unix(1000, 0)
+	a := b.Begin(work(true), &prior, now)
+	a.End(Outcome{Status: 429, RetryAfter: 60 * time.Second}, 0.99, &prior, now)
+	a = b.Begin(work(true), &prior, now)
+	a.End(Outcome{Status: 429, RetryAfter: time.Second}, 0.99, &prior, now.Add(time.Second))
+	if !b.CoolingDown(now.Add(30*time.Second)) || b.CoolingDown(now.Add(61*time.Second)) {
+		t.Fatalf("cooldown until %v, want 60 s from the first 429", b.Cooldown())
+	}
+}
+
+// TestEngineMetricsTakePrecedence: fresh engine queue and batch figures
+// feed the state; stale ones are ignored.
+func TestEngineMetricsTakePrecedence(t *testing.T) {
+	b := newBackend("engine")
+	now := time.Unix(1000, 0)
+	b.SetEngine(EngineMetrics{Waiting: 7, Running: 12, KVUsage: 0.9, HasWaiting: true, HasRunning: true, HasKV: true, At: now}, 3*time.Second)
+	s := b.State(now.Add(time.Second))
+	if s.Pending != 7 || s.Running != 12 || s.KV != 0.9 || s.Inflight != 19 {
+		t.Fatalf("fresh engine metrics not used: %+v", s)
+	}
+	if s := b.State(now.Add(10 * time.Second)); s.Pending != 0 || s.Running != 0 || s.KV != 0 {
+		t.Fatalf("stale engine metrics used: %+v", s)
+	}
+}
+
+// TestPoolsDoNotShareBeliefs: what one pool learns does not move another
+// pool's prior.
+func TestPoolsDoNotShareBeliefs(t *testing.T) {
+	big, small := AcquirePool("test-70b"), AcquirePool("test-8b")
+	defer ReleasePool("test-70b")
+	defer ReleasePool("test-8b")
+	if big == small {
+		t.Fatal("two pools share one object")
+	}
+	b := newBackend("70b")
+	now := time.Unix(1000, 0)
+	for i := 0; i < 50; i++ {
+		a := b.Begin(work(true), big.Prior(), now)
+		a.FirstToken()
+		a.End(Outcome{Status: 200, Stream: true, TTFT: 3 * time.Second, E2E: 30 * time.Second, OutputTokens: 100}, 0.99, big.Prior(), now)
+	}
+	bt, _ := big.Prior().Values()
+	st, _ := small.Prior().Values()
+	if bt < 1 || st != defaultPriorTTFT {
+		t.Fatalf("prior TTFT: 70b pool %.2fs, 8b pool %.2fs (want the 8b pool untouched at %.2fs)", bt, st, defaultPriorTTFT)
+	}
+	if AcquirePool("test-70b") != big {
+		t.Fatal("the same key gave another pool")
+	}
+	ReleasePool("test-70b")
+}
