@@ -306,3 +306,106 @@ func BenchmarkSelect(b *testing.B) {
 		lt.set.Release()
 	}
 }
+
+func varsRequest() *http.Request {
+	r := chatRequest()
+	return r.WithContext(withVars(r))
+}
+
+// TestRetryAvoidsTriedBackends: a second Select for the same request (a
+// retry) never returns a backend this request was sent to while another is
+// eligible, and still returns one when none is.
+func TestRetryAvoidsTriedBackends(t *testing.T) {
+	pool := testPool(t, 3)
+	for _, sel := range []reverseproxy.Selector{newPredictive(2, false), newPredictive(2, true), newLeastTokens(), &WeightedLeastConnSelection{Weights: []int{1, 1, 1}}} {
+		for i := 0; i < 50; i++ {
+			r := varsRequest()
+			seen := map[string]bool{}
+			for attempt := 0; attempt < 3; attempt++ {
+				u := sel.Select(pool, r, nil)
+				if seen[u.Dial] {
+					t.Fatalf("%T: attempt %d went back to %s, tried already", sel, attempt, u.Dial)
+				}
+				seen[u.Dial] = true
+			}
+			if u := sel.Select(pool, r, nil); u == nil {
+				t.Fatalf("%T: a fourth attempt found nothing; want a tried one rather than none", sel)
+			}
+		}
+	}
+}
+
+// TestFailingBackendNotPreferred: a backend that answers every request at
+// once with a 429 (or a 500) has nothing in flight, yet never looks best;
+// one in a Retry-After cooldown gets nothing while others are eligible.
+func TestFailingBackendNotPreferred(t *testing.T) {
+	for _, status := range []int{429, 500} {
+		p := newPredictive(2, true)
+		pool := testPool(t, 3)
+		now := time.Now()
+		bad := p.set.Get(pool[0].Dial)
+		f := &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 100, OutputTokens: 100}
+		for i := 0; i < 3; i++ {
+			a := bad.Begin(f, p.pool.Prior(), now)
+			a.End(aibalance.Outcome{Status: status}, p.app.Lambda(), p.pool.Prior(), now)
+		}
+		c := loadUp(t, p, &p.set, pool, 60)
+		t.Logf("status %d: failing %d, others %d/%d", status, c[pool[0].Dial], c[pool[1].Dial], c[pool[2].Dial])
+		if c[pool[0].Dial] > 6 {
+			t.Fatalf("status %d: the failing backend got %d of 60 requests", status, c[pool[0].Dial])
+		}
+		p.set.Release()
+	}
+
+	p := newPredictive(2, false)
+	defer p.set.Release()
+	pool := testPool(t, 3)
+	now := time.Now()
+	b := p.set.Get(pool[1].Dial)
+	a := b.Begin(&aibalance.Features{}, p.pool.Prior(), now)
+	a.End(aibalance.Outcome{Status: 429, RetryAfter: time.Minute}, p.app.Lambda(), p.pool.Prior(), now)
+	for i := 0; i < 100; i++ {
+		if u := p.Select(pool, varsRequest(), nil); u == pool[1] {
+			t.Fatal("a backend in its Retry-After cooldown was chosen")
+		}
+	}
+}
+
+// TestTiesBrokenAtRandom: among equal scores the previous winner has no
+// edge: every idle, unknown backend of a pool gets a fair share.
+func TestTiesBrokenAtRandom(t *testing.T) {
+	p := newPredictive(2, false)
+	defer p.set.Release()
+	pool := testPool(t, 4)
+	seen := map[string]int{}
+	for i := 0; i < 400; i++ {
+		seen[p.Select(pool, varsRequest(), nil).Dial]++
+	}
+	for _, u := range pool {
+		if seen[u.Dial] < 50 {
+			t.Fatalf("ties not broken at random: %v", seen)
+		}
+	}
+}
+
+// TestUnobservedIsUncertain: a backend seen only idle is explored under
+// load rather than locked out: the optimistic score of a state the model
+// has not observed is below its point prediction.
+func TestUnobservedIsUncertain(t *testing.T) {
+	var m aibalance.Model
+	var prior aibalance.Prior
+	now := time.Now()
+	for i := 0; i < 100; i++ {
+		m.Observe(aibalance.Observation{Stream: true, PromptTokens: 100, OutputTokens: 50, TTFT: 30 * time.Millisecond, E2E: 530 * time.Millisecond}, 0.99, &prior, now)
+	}
+	seenMean, seenSD := m.Score(aibalance.LoadState{}, 100, 50, 1, &prior, now)
+	busy := aibalance.LoadState{Inflight: 20, Pending: 10, PendingTokens: 5000, Running: 10}
+	mean, sd := m.Score(busy, 100, 50, 1, &prior, now)
+	t.Logf("idle (observed): %.3f ± %.3f; busy (never observed): %.3f ± %.3f", seenMean, seenSD, mean, sd)
+	if sd/mean <= 2*seenSD/seenMean || aibalance.Optimistic(mean, sd) >= mean {
+		t.Fatalf("an unobserved state is not more uncertain than an observed one")
+	}
+	if aibalance.Optimistic(mean, sd) < mean/2 {
+		t.Fatal("the exploration bonus is not bounded")
+	}
+}
