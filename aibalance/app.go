@@ -17,13 +17,17 @@ func init() {
 	caddy.RegisterModule(new(App))
 }
 
+// MaxPeekBytes caps peek_bytes: the memory one request may hold for
+// reading its features, whatever the configuration says.
+const MaxPeekBytes = 16 << 20
+
 // App is the aibalance app: process-wide settings of the AI load balancer and
 // the owner of the shared per-upstream store. Modules reach it with
 // ctx.App("aibalance"); it is created with defaults when no config names it.
 type App struct {
 	// PeekBytes is the most bytes of a request body read to learn the
 	// request's model, size and options. The rest of a longer body is
-	// estimated from Content-Length. Default: 65536.
+	// estimated from Content-Length. Default: 65536; at most MaxPeekBytes.
 	PeekBytes int64 `json:"peek_bytes,omitempty"`
 
 	// DefaultOutputTokens is the output a request is expected to produce
@@ -101,8 +105,8 @@ func (a *App) setDefaults() {
 // Validate checks the settings.
 func (a *App) Validate() error {
 	switch {
-	case a.PeekBytes < 0:
-		return fmt.Errorf("peek_bytes must not be negative, got %d", a.PeekBytes)
+	case a.PeekBytes < 0 || a.PeekBytes > MaxPeekBytes:
+		return fmt.Errorf("peek_bytes must be between 0 and %d, got %d", MaxPeekBytes, a.PeekBytes)
 	case a.DefaultOutputTokens < 0:
 		return fmt.Errorf("default_output_tokens must not be negative, got %d", a.DefaultOutputTokens)
 	case a.CharsPerToken < 1:

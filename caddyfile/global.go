@@ -49,30 +49,31 @@ func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 		if d.NextArg() {
 			return nil, d.ArgErr()
 		}
-		if key == "peek_bytes" {
+		switch key {
+		case "peek_bytes":
 			n, err := humanize.ParseBytes(val)
-			if err != nil || n == 0 || n > 1<<30 {
-				return nil, d.Errf("peek_bytes: want a size from 1B to 1GiB such as 64KiB, got %q", val)
+			if err != nil || n == 0 || n > aibalance.MaxPeekBytes {
+				return nil, d.Errf("peek_bytes: want a size from 1B to %s such as 64KiB, got %q", humanize.IBytes(aibalance.MaxPeekBytes), val)
 			}
 			app.PeekBytes = int64(n)
-			continue
-		}
-		n, err := strconv.Atoi(val)
-		if err != nil || n < 1 {
-			return nil, d.Errf("%s: want a whole number of at least 1, got %q", key, val)
-		}
-		switch key {
-		case "default_output_tokens":
-			app.DefaultOutputTokens = n
-		case "chars_per_token":
-			app.CharsPerToken = n
-		case "prefix_block_chars":
-			app.PrefixBlockChars = n
-		case "model_memory":
-			if n < 2 {
-				return nil, d.Errf("model_memory: want at least 2, got %d", n)
+		case "default_output_tokens", "chars_per_token", "prefix_block_chars", "model_memory":
+			n, err := strconv.Atoi(val)
+			if err != nil || n < 1 {
+				return nil, d.Errf("%s: want a whole number of at least 1, got %q", key, val)
 			}
-			app.ModelMemory = n
+			switch key {
+			case "default_output_tokens":
+				app.DefaultOutputTokens = n
+			case "chars_per_token":
+				app.CharsPerToken = n
+			case "prefix_block_chars":
+				app.PrefixBlockChars = n
+			case "model_memory":
+				if n < 2 {
+					return nil, d.Errf("model_memory: want at least 2, got %d", n)
+				}
+				app.ModelMemory = n
+			}
 		default:
 			return nil, d.Errf("unrecognized aibalance global option %q", key)
 		}
