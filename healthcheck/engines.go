@@ -195,7 +195,13 @@ func parseText(body []byte) (families map[string]*dto.MetricFamily, err error) {
 	// names (legal in the classic format too) and quoted UTF-8 names. The
 	// zero TextParser has no validation scheme and panics.
 	p := expfmt.NewTextParser(model.UTF8Validation)
-	return p.TextToMetricFamilies(bytes.NewReader(body))
+	var in io.Reader = bytes.NewReader(body)
+	if body[len(body)-1] != '\n' {
+		// The parser wants every line ended; a body cut after its last
+		// value is still whole (a truncated one fails on its own).
+		in = io.MultiReader(in, strings.NewReader("\n"))
+	}
+	return p.TextToMetricFamilies(in)
 }
 
 // extract reads e's signals from families; ok is false when none of e's
