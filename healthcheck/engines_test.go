@@ -165,6 +165,18 @@ func TestParseCases(t *testing.T) {
 		},
 		// Like Prometheus, the text parser takes \n only; no engine sends CRLF.
 		{name: "CRLF line ends", body: "tgi_queue_size 3\r\n", wantErr: "expected float"},
+		{
+			name: "sum overflowing to Inf ignored",
+			body: "vllm:num_requests_waiting{engine=\"0\"} 1e308\nvllm:num_requests_waiting{engine=\"1\"} 1e308\n",
+			want: want{"vllm", nil, nil, nil},
+		},
+		{
+			name: "a repeated series counts once",
+			body: "sglang:num_queue_reqs{model_name=\"m\"} 2\nsglang:num_queue_reqs{model_name=\"m\"} 2\n",
+			want: want{"sglang", f(2), nil, nil},
+		},
+		{name: "TYPE after samples", body: "tgi_queue_size 1\n# TYPE tgi_queue_size gauge\n", wantErr: "second TYPE line"},
+		{name: "duplicate label", body: "tgi_queue_size{a=\"1\",a=\"2\"} 1\n", wantErr: "duplicate label names"},
 		{name: "empty", body: "", wantErr: "empty body"},
 		{name: "blank lines", body: "\n\n  \n", wantErr: "empty body"},
 		{name: "comments only", body: "# HELP vllm:num_requests_waiting x\n# TYPE vllm:num_requests_waiting gauge\n", wantErr: "no known engine metrics"},
@@ -270,14 +282,20 @@ func TestStaleIgnored(t *testing.T) {
 	}
 }
 
+// fuzzEngines are the engine arguments FuzzParse picks from by index, so
+// the fuzzer spends its time on the body, not on spelling engine names.
+var fuzzEngines = []string{EngineAuto, EngineVLLM, EngineSGLang, EngineTGI, EngineLlamaCpp, EngineNone, "", "ollama"}
+
 func FuzzParse(f *testing.F) {
 	for _, name := range []string{"vllm.txt", "vllm_old.txt", "sglang.txt", "sglang_dp.txt", "tgi.txt", "llamacpp.txt"} {
-		f.Add(EngineAuto, readFixture(f, name))
+		f.Add(uint8(0), readFixture(f, name))
 	}
-	f.Add(EngineVLLM, []byte("{\"vllm:num_requests_waiting\",engine=\"0\"} 1e308\n"))
-	f.Add(EngineSGLang, []byte("sglang:num_queue_reqs{tp_rank=\"0\"} 1\nsglang:num_queue_reqs{tp_rank=\"1\"} 2\n"))
-	f.Add(EngineTGI, []byte("# TYPE tgi_queue_size summary\ntgi_queue_size{quantile=\"0.5\"} 1\n"))
-	f.Fuzz(func(t *testing.T, engine string, body []byte) {
+	f.Add(uint8(1), []byte("{\"vllm:num_requests_waiting\",engine=\"0\"} 1e308\n{\"vllm:num_requests_waiting\",engine=\"1\"} 1e308\n"))
+	f.Add(uint8(2), []byte("sglang:num_queue_reqs{tp_rank=\"0\"} 1\nsglang:num_queue_reqs{tp_rank=\"1\"} 2\n"))
+	f.Add(uint8(3), []byte("# TYPE tgi_queue_size summary\ntgi_queue_size{quantile=\"0.5\"} 1\n"))
+	f.Add(uint8(4), []byte("llamacpp:requests_deferred 1\n# TYPE llamacpp:requests_deferred gauge\n"))
+	f.Fuzz(func(t *testing.T, which uint8, body []byte) {
+		engine := fuzzEngines[int(which)%len(fuzzEngines)]
 		const limit = 64 << 10
 		m, err := Parse(engine, bytes.NewReader(body), limit)
 		if err != nil {
