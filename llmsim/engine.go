@@ -68,14 +68,22 @@ func (e *engine) counts() (running, waiting, kvTokens int) {
 	return len(e.running), len(e.waiting), kvTokens
 }
 
-// run steps the engine until done is closed.
+// maxLag is how far the engine may fall behind its own step schedule (a
+// late timer, a busy CPU) and still catch up by shortening the next steps.
+const maxLag = 20 * time.Millisecond
+
+// run steps the engine until done is closed. Steps are scheduled back to
+// back on the engine's own clock, so a timer that fires late does not slow
+// the simulated engine down (up to maxLag behind).
 func (e *engine) run(done <-chan struct{}) {
+	var due time.Time // when the last step was to end
 	for {
 		e.mu.Lock()
 		e.dropAborted()
 		idle := len(e.running) == 0 && len(e.waiting) == 0
 		e.mu.Unlock()
 		if idle {
+			due = time.Time{}
 			select {
 			case <-e.wake:
 				continue
@@ -84,7 +92,11 @@ func (e *engine) run(done <-chan struct{}) {
 			}
 		}
 		step := e.plan()
-		t := time.NewTimer(step.duration)
+		if now := time.Now(); due.IsZero() || now.Sub(due) > maxLag {
+			due = now
+		}
+		due = due.Add(step.duration)
+		t := time.NewTimer(time.Until(due))
 		select {
 		case <-t.C:
 		case <-done:

@@ -3,6 +3,7 @@ package llmsim
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -191,13 +192,22 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 	}
 	arrived := time.Now()
 	s.eng.submit(q)
-	out := responder{w: w, chat: chat, model: cfg.Model, id: fmt.Sprintf("cmpl-%d", arrived.UnixNano()), created: arrived.Unix()}
+	out := responder{
+		w: w, chat: chat, model: cfg.Model, id: fmt.Sprintf("cmpl-%d", arrived.UnixNano()), created: arrived.Unix(),
+		spaced: cfg.SpacedJSON, reasoning: cfg.ReasoningTokens,
+	}
 	includeUsage := req.StreamOptions != nil && req.StreamOptions.IncludeUsage
 	if req.Stream {
 		w.Header().Set("Content-Type", "text/event-stream")
 		w.Header().Set("Cache-Control", "no-cache")
 		w.WriteHeader(http.StatusOK)
-		out.chunk(`{"role":"assistant","content":""}`, "", nil)
+		if chat {
+			// vLLM opens a chat stream with the role; completions streams
+			// start with the first token's text
+			out.chunk(`{"role":"assistant","content":""}`, "", nil)
+		} else if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
 	}
 	var first time.Time
 	n := 0
@@ -239,11 +249,44 @@ func (s *Server) finish(q *seq, arrived, first time.Time, n int) {
 
 // responder writes OpenAI responses: SSE chunks or one JSON object.
 type responder struct {
-	w       http.ResponseWriter
-	chat    bool
-	model   string
-	id      string
-	created int64
+	w         http.ResponseWriter
+	chat      bool
+	model     string
+	id        string
+	created   int64
+	spaced    bool // Python's JSON separators
+	reasoning int  // leading tokens sent as reasoning_content (chat only)
+}
+
+// json returns compact JSON text as the responder writes it.
+func (o *responder) json(compact string) string {
+	if o.spaced {
+		return spaceJSON(compact)
+	}
+	return compact
+}
+
+// spaceJSON rewrites compact JSON with the separators of Python's json.dumps
+// defaults: ", " between items and ": " after keys.
+func spaceJSON(compact string) string {
+	var b strings.Builder
+	b.Grow(len(compact) + len(compact)/8)
+	inString, escaped := false, false
+	for i := 0; i < len(compact); i++ {
+		c := compact[i]
+		b.WriteByte(c)
+		switch {
+		case inString && escaped:
+			escaped = false
+		case inString && c == '\\':
+			escaped = true
+		case c == '"':
+			inString = !inString
+		case !inString && (c == ',' || c == ':'):
+			b.WriteByte(' ')
+		}
+	}
+	return b.String()
 }
 
 // word is the text of the n-th generated token: about 4 characters.
@@ -275,7 +318,7 @@ func (o *responder) chunk(delta string, finish string, usage *[2]int) {
 			`,"total_tokens":` + strconv.Itoa(usage[0]+usage[1]) + `}`
 	}
 	payload += "}"
-	_, _ = fmt.Fprintf(o.w, "data: %s\n\n", payload)
+	_, _ = fmt.Fprintf(o.w, "data: %s\n\n", o.json(payload))
 	if f, ok := o.w.(http.Flusher); ok {
 		f.Flush()
 	}
@@ -283,6 +326,10 @@ func (o *responder) chunk(delta string, finish string, usage *[2]int) {
 
 func (o *responder) token(n int) {
 	if o.chat {
+		if n <= o.reasoning {
+			o.chunk(`{"reasoning_content":"`+word(n)+`","content":null}`, "", nil)
+			return
+		}
 		o.chunk(`{"content":"`+word(n)+`"}`, "", nil)
 		return
 	}
@@ -305,16 +352,24 @@ func (o *responder) end(stream, includeUsage bool, prompt, n int) {
 		}
 		return
 	}
-	var text strings.Builder
+	var text, reasoning strings.Builder
 	for i := 1; i <= n; i++ {
+		if o.chat && i <= o.reasoning {
+			reasoning.WriteString(word(i))
+			continue
+		}
 		text.WriteString(word(i))
 	}
 	usage := map[string]int{"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 	var body map[string]any
 	if o.chat {
+		msg := map[string]any{"role": "assistant", "content": text.String()}
+		if o.reasoning > 0 {
+			msg["reasoning_content"] = reasoning.String()
+		}
 		body = map[string]any{
 			"id": o.id, "object": "chat.completion", "created": o.created, "model": o.model,
-			"choices": []map[string]any{{"index": 0, "message": map[string]any{"role": "assistant", "content": text.String()}, "finish_reason": "length"}},
+			"choices": []map[string]any{{"index": 0, "message": msg, "finish_reason": "length"}},
 			"usage":   usage,
 		}
 	} else {
@@ -324,6 +379,7 @@ func (o *responder) end(stream, includeUsage bool, prompt, n int) {
 			"usage":   usage,
 		}
 	}
+	b, _ := json.Marshal(body)
 	o.w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(o.w).Encode(body)
+	_, _ = io.WriteString(o.w, o.json(string(b))+"\n")
 }
