@@ -20,6 +20,10 @@ type chatRequest struct {
 		Content json.RawMessage `json:"content"`
 	} `json:"messages"`
 	Prompt              json.RawMessage `json:"prompt"`
+	Input               json.RawMessage `json:"input"`             // /v1/responses, /v1/embeddings
+	Instructions        string          `json:"instructions"`      // /v1/responses
+	MaxOutputTokens     *int            `json:"max_output_tokens"` // /v1/responses
+	System              json.RawMessage `json:"system"`            // /v1/messages
 	MaxTokens           *int            `json:"max_tokens"`
 	MaxCompletionTokens *int            `json:"max_completion_tokens"`
 	Stream              bool            `json:"stream"`
@@ -30,8 +34,11 @@ type chatRequest struct {
 
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, true) })
-	mux.HandleFunc("POST /v1/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, false) })
+	mux.HandleFunc("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, apiChat) })
+	mux.HandleFunc("POST /v1/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, apiCompletions) })
+	mux.HandleFunc("POST /v1/responses", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, apiResponses) })
+	mux.HandleFunc("POST /v1/messages", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, apiMessages) })
+	mux.HandleFunc("POST /v1/embeddings", s.embeddings)
 	mux.HandleFunc("GET /v1/models", s.models)
 	mux.HandleFunc("GET /health", s.health)
 	mux.Handle("GET /metrics", s.metrics.handler())
@@ -69,9 +76,15 @@ func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
 
 // promptText flattens the prompt: chat messages as "role\x00content\x01"
 // (the same framing the balancer hashes), a completion prompt as its text.
-func promptText(req *chatRequest, chat bool) (string, error) {
+func promptText(req *chatRequest, api apiKind) (string, error) {
+	switch api {
+	case apiResponses:
+		return responsesPrompt(req)
+	case apiMessages:
+		return messagesPrompt(req)
+	}
 	var b strings.Builder
-	if chat {
+	if api == apiChat {
 		if len(req.Messages) == 0 {
 			return "", fmt.Errorf("'messages' is required and must not be empty")
 		}
@@ -111,7 +124,7 @@ func promptText(req *chatRequest, chat bool) (string, error) {
 	return "", fmt.Errorf("'prompt' must be a string or an array of strings")
 }
 
-func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
+func (s *Server) complete(w http.ResponseWriter, r *http.Request, api apiKind) {
 	s.stats.requests.Add(1)
 	cfg := s.config()
 	if s.startingUp() {
@@ -134,14 +147,23 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 		openAIError(w, http.StatusNotFound, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model))
 		return
 	}
-	text, err := promptText(&req, chat)
+	text, err := promptText(&req, api)
 	if err != nil {
 		s.stats.badRequests.Add(1)
 		openAIError(w, http.StatusBadRequest, "invalid_request_error", err.Error())
 		return
 	}
 	maxTokens := cfg.DefaultMaxTok
-	if req.MaxCompletionTokens != nil {
+	if api == apiMessages && req.MaxTokens == nil {
+		s.stats.badRequests.Add(1)
+		openAIError(w, http.StatusBadRequest, "invalid_request_error", "max_tokens: Field required")
+		return
+	}
+	if api == apiResponses {
+		if req.MaxOutputTokens != nil {
+			maxTokens = *req.MaxOutputTokens
+		}
+	} else if req.MaxCompletionTokens != nil {
 		maxTokens = *req.MaxCompletionTokens
 	} else if req.MaxTokens != nil {
 		maxTokens = *req.MaxTokens
@@ -192,22 +214,13 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 	}
 	arrived := time.Now()
 	s.eng.submit(q)
-	out := responder{
-		w: w, chat: chat, model: cfg.Model, id: fmt.Sprintf("cmpl-%d", arrived.UnixNano()), created: arrived.Unix(),
-		spaced: cfg.SpacedJSON, reasoning: cfg.ReasoningTokens,
-	}
+	out := s.answerer(w, api, cfg, arrived)
 	includeUsage := req.StreamOptions != nil && req.StreamOptions.IncludeUsage
 	if req.Stream {
 		w.Header().Set("Content-Type", "text/event-stream")
 		w.Header().Set("Cache-Control", "no-cache")
 		w.WriteHeader(http.StatusOK)
-		if chat {
-			// vLLM opens a chat stream with the role; completions streams
-			// start with the first token's text
-			out.chunk(`{"role":"assistant","content":""}`, "", nil)
-		} else if f, ok := w.(http.Flusher); ok {
-			f.Flush()
-		}
+		out.start(promptTokens)
 	}
 	var first time.Time
 	n := 0
@@ -245,6 +258,46 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 func (s *Server) finish(q *seq, arrived, first time.Time, n int) {
 	s.stats.completed.Add(1)
 	s.metrics.observe(first.Sub(arrived), time.Since(arrived), q.prompt, n)
+}
+
+// answer writes one API's answer: start opens a stream, token streams the
+// n-th token, end closes the stream or writes the whole answer.
+type answer interface {
+	start(prompt int)
+	token(n int)
+	end(stream, includeUsage bool, prompt, n int)
+}
+
+func (s *Server) answerer(w http.ResponseWriter, api apiKind, cfg Config, arrived time.Time) answer {
+	o := responder{
+		w: w, chat: api == apiChat, model: cfg.Model, id: fmt.Sprintf("cmpl-%d", arrived.UnixNano()), created: arrived.Unix(),
+		spaced: cfg.SpacedJSON, reasoning: cfg.ReasoningTokens,
+	}
+	switch api {
+	case apiResponses:
+		o.id = fmt.Sprintf("resp_%d", arrived.UnixNano())
+		return &responsesAnswer{responder: o}
+	case apiMessages:
+		o.id = fmt.Sprintf("msg_%d", arrived.UnixNano())
+		return &messagesAnswer{responder: o}
+	}
+	return &o
+}
+
+func (o *responder) start(int) {
+	if o.chat {
+		// vLLM opens a chat stream with the role; completions streams
+		// start with the first token's text
+		o.chunk(`{"role":"assistant","content":""}`, "", nil)
+	} else {
+		o.flush()
+	}
+}
+
+func (o *responder) flush() {
+	if f, ok := o.w.(http.Flusher); ok {
+		f.Flush()
+	}
 }
 
 // responder writes OpenAI responses: SSE chunks or one JSON object.
