@@ -3,8 +3,11 @@
 // running sequences and a waiting queue, chunked prefill whose cost is the
 // prompt tokens not already in the prefix cache, decode steps that slow down
 // as the batch grows, and a speed factor per instance. It serves
-// /v1/chat/completions, /v1/completions (streaming and not), /v1/models,
-// /health and vLLM-named Prometheus /metrics, and injects faults on demand.
+// /v1/chat/completions, /v1/completions, /v1/responses and Anthropic's
+// /v1/messages (streaming and not), /v1/embeddings (prefill only),
+// /v1/models, /health and vLLM-named Prometheus /metrics, and injects faults
+// on demand. Stream styles vary per engine (Python-spaced JSON, reasoning
+// deltas) and an engine can change speed mid-run.
 //
 // Tests and benchmarks start servers in-process on loopback (Start, StartPool);
 // examples/llmsim is the command.
