@@ -15,7 +15,7 @@ import (
 // Result is what a client saw of one completion request.
 type Result struct {
 	Status       int
-	TTFT         time.Duration // to the first chunk carrying content (streams) or the first body byte
+	TTFT         time.Duration // to the first chunk carrying content or reasoning (streams) or the first body byte
 	E2E          time.Duration
 	Tokens       int // content chunks received (streams) or usage.completion_tokens
 	UsageTokens  int // usage.completion_tokens, when the server sent usage
@@ -34,8 +34,9 @@ type Chunk struct {
 	Choices []struct {
 		Index int `json:"index"`
 		Delta *struct {
-			Role    string `json:"role"`
-			Content string `json:"content"`
+			Role             string `json:"role"`
+			Content          string `json:"content"`
+			ReasoningContent string `json:"reasoning_content"`
 		} `json:"delta"`
 		Text         *string `json:"text"`
 		FinishReason *string `json:"finish_reason"`
@@ -130,7 +131,8 @@ func Complete(ctx context.Context, client *http.Client, url string, body []byte)
 		for _, ch := range c.Choices {
 			content := ""
 			if ch.Delta != nil {
-				content = ch.Delta.Content
+				// reasoning is generated output too: it starts the first token
+				content = ch.Delta.Content + ch.Delta.ReasoningContent
 			} else if ch.Text != nil {
 				content = *ch.Text
 			}

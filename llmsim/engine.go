@@ -3,8 +3,11 @@
 // running sequences and a waiting queue, chunked prefill whose cost is the
 // prompt tokens not already in the prefix cache, decode steps that slow down
 // as the batch grows, and a speed factor per instance. It serves
-// /v1/chat/completions, /v1/completions (streaming and not), /v1/models,
-// /health and vLLM-named Prometheus /metrics, and injects faults on demand.
+// /v1/chat/completions, /v1/completions, /v1/responses and Anthropic's
+// /v1/messages (streaming and not), /v1/embeddings (prefill only),
+// /v1/models, /health and vLLM-named Prometheus /metrics, and injects faults
+// on demand. Stream styles vary per engine (Python-spaced JSON, reasoning
+// deltas) and an engine can change speed mid-run.
 //
 // Tests and benchmarks start servers in-process on loopback (Start, StartPool);
 // examples/llmsim is the command.
@@ -68,14 +71,22 @@ func (e *engine) counts() (running, waiting, kvTokens int) {
 	return len(e.running), len(e.waiting), kvTokens
 }
 
-// run steps the engine until done is closed.
+// maxLag is how far the engine may fall behind its own step schedule (a
+// late timer, a busy CPU) and still catch up by shortening the next steps.
+const maxLag = 20 * time.Millisecond
+
+// run steps the engine until done is closed. Steps are scheduled back to
+// back on the engine's own clock, so a timer that fires late does not slow
+// the simulated engine down (up to maxLag behind).
 func (e *engine) run(done <-chan struct{}) {
+	var due time.Time // when the last step was to end
 	for {
 		e.mu.Lock()
 		e.dropAborted()
 		idle := len(e.running) == 0 && len(e.waiting) == 0
 		e.mu.Unlock()
 		if idle {
+			due = time.Time{}
 			select {
 			case <-e.wake:
 				continue
@@ -84,7 +95,11 @@ func (e *engine) run(done <-chan struct{}) {
 			}
 		}
 		step := e.plan()
-		t := time.NewTimer(step.duration)
+		if now := time.Now(); due.IsZero() || now.Sub(due) > maxLag {
+			due = now
+		}
+		due = due.Add(step.duration)
+		t := time.NewTimer(time.Until(due))
 		select {
 		case <-t.C:
 		case <-done:

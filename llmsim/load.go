@@ -14,16 +14,25 @@ import (
 
 // Workload describes an open-loop stream of chat completion requests.
 type Workload struct {
-	URL       string  // the /v1/chat/completions address
-	Rate      float64 // mean arrivals per second (Poisson)
-	Duration  time.Duration
-	Warmup    time.Duration // requests sent in this first part are not recorded
-	MinPrompt int           // prompt tokens, log-uniform between Min and Max
-	MaxPrompt int
-	MinOutput int // max_tokens, log-uniform between Min and Max
-	MaxOutput int
-	Seed      uint64
-	Client    *http.Client
+	URL      string  // the /v1/chat/completions address
+	Rate     float64 // mean arrivals per second (Poisson)
+	Duration time.Duration
+	// NonStream is the share (0..1) of requests sent with "stream": false;
+	// their TTFT is their E2E and they are left out of TTFT percentiles.
+	// Default 0: every request streams.
+	NonStream float64
+	// BurstOn and BurstOff, when both are set, make arrivals bursty at the
+	// same mean Rate: a Markov-modulated on/off Poisson process whose on and
+	// off periods last exponentially distributed times of these means, with
+	// arrivals only while on (at Rate*(on+off)/on). Default: plain Poisson.
+	BurstOn, BurstOff time.Duration
+	Warmup            time.Duration // requests sent in this first part are not recorded
+	MinPrompt         int           // prompt tokens, log-uniform between Min and Max
+	MaxPrompt         int
+	MinOutput         int // max_tokens, log-uniform between Min and Max
+	MaxOutput         int
+	Seed              uint64
+	Client            *http.Client
 	// OnResult, if set, sees every result as it arrives (the demo's live view).
 	OnResult func(Record)
 }
@@ -54,7 +63,45 @@ type Record struct {
 	Prompt  int
 	Output  int
 	Warmup  bool
+	Stream  bool // sent with "stream": true
 	Started time.Time
+}
+
+// arrivals yields the gaps between request arrivals.
+type arrivals struct {
+	r        *rand.Rand
+	rate     float64 // arrivals per second while on
+	on, off  float64 // mean period lengths in seconds; 0: always on
+	onLeft   float64 // seconds left in the current on period
+	bursting bool
+}
+
+func newArrivals(w Workload, r *rand.Rand) *arrivals {
+	a := &arrivals{r: r, rate: w.Rate}
+	if w.BurstOn > 0 && w.BurstOff > 0 {
+		a.bursting = true
+		a.on, a.off = w.BurstOn.Seconds(), w.BurstOff.Seconds()
+		a.rate = w.Rate * (a.on + a.off) / a.on
+		a.onLeft = r.ExpFloat64() * a.on
+	}
+	return a
+}
+
+// next returns the time from one arrival to the next: exponential in on
+// time, with every off period it crosses added.
+func (a *arrivals) next() time.Duration {
+	gap := a.r.ExpFloat64() / a.rate
+	if !a.bursting {
+		return time.Duration(gap * float64(time.Second))
+	}
+	wall := 0.0
+	for i := 0; gap > a.onLeft && i < 1e6; i++ {
+		gap -= a.onLeft
+		wall += a.onLeft + a.r.ExpFloat64()*a.off
+		a.onLeft = a.r.ExpFloat64() * a.on
+	}
+	a.onLeft -= gap
+	return time.Duration((wall + gap) * float64(time.Second))
 }
 
 // Run sends the workload and returns every recorded request's outcome, after
@@ -72,22 +119,27 @@ func (w Workload) Run(ctx context.Context, drain time.Duration) []Record {
 	var wg sync.WaitGroup
 	start := time.Now()
 	next := start
+	gaps := newArrivals(w, r)
 	for i := 0; ; i++ {
-		next = next.Add(time.Duration(r.ExpFloat64() / w.Rate * float64(time.Second)))
+		next = next.Add(gaps.next())
 		if next.Sub(start) >= w.Duration || ctx.Err() != nil {
 			break
 		}
 		time.Sleep(time.Until(next))
 		prompt := logUniform(r, w.MinPrompt, w.MaxPrompt)
 		output := logUniform(r, w.MinOutput, w.MaxOutput)
-		body := ChatBody("", randomText(i, prompt*4, r), output, true)
+		stream := w.NonStream <= 0 || r.Float64() >= w.NonStream
+		body := ChatBody("", randomText(i, prompt*4, r), output, stream)
 		warm := next.Sub(start) < w.Warmup
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			t := time.Now()
 			res, err := Complete(reqCtx, client, w.URL, body)
-			rec := Record{Result: res, Err: err, Prompt: prompt, Output: output, Warmup: warm, Started: t}
+			if !stream {
+				res.TTFT = res.E2E // what a non-streaming client waits for
+			}
+			rec := Record{Result: res, Err: err, Prompt: prompt, Output: output, Warmup: warm, Stream: stream, Started: t}
 			if w.OnResult != nil {
 				w.OnResult(rec)
 			}
@@ -128,7 +180,8 @@ type Summary struct {
 // Percentiles of a latency distribution.
 type Percentiles struct{ P50, P90, P99, Max time.Duration }
 
-// Summarize aggregates records measured over wall time.
+// Summarize aggregates records measured over wall time. TTFT percentiles
+// are of streamed requests only.
 func Summarize(recs []Record, wall time.Duration) Summary {
 	s := Summary{Wall: wall}
 	var ttft, e2e []time.Duration
@@ -138,7 +191,9 @@ func Summarize(recs []Record, wall time.Duration) Summary {
 			s.Errors++
 			continue
 		}
-		ttft = append(ttft, r.TTFT)
+		if r.Stream {
+			ttft = append(ttft, r.TTFT)
+		}
 		e2e = append(e2e, r.E2E)
 		s.OutputToks += r.Tokens
 	}

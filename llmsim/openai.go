@@ -3,6 +3,7 @@ package llmsim
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -19,6 +20,10 @@ type chatRequest struct {
 		Content json.RawMessage `json:"content"`
 	} `json:"messages"`
 	Prompt              json.RawMessage `json:"prompt"`
+	Input               json.RawMessage `json:"input"`             // /v1/responses, /v1/embeddings
+	Instructions        string          `json:"instructions"`      // /v1/responses
+	MaxOutputTokens     *int            `json:"max_output_tokens"` // /v1/responses
+	System              json.RawMessage `json:"system"`            // /v1/messages
 	MaxTokens           *int            `json:"max_tokens"`
 	MaxCompletionTokens *int            `json:"max_completion_tokens"`
 	Stream              bool            `json:"stream"`
@@ -29,8 +34,11 @@ type chatRequest struct {
 
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, true) })
-	mux.HandleFunc("POST /v1/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, false) })
+	mux.HandleFunc("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, apiChat) })
+	mux.HandleFunc("POST /v1/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, apiCompletions) })
+	mux.HandleFunc("POST /v1/responses", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, apiResponses) })
+	mux.HandleFunc("POST /v1/messages", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, apiMessages) })
+	mux.HandleFunc("POST /v1/embeddings", s.embeddings)
 	mux.HandleFunc("GET /v1/models", s.models)
 	mux.HandleFunc("GET /health", s.health)
 	mux.Handle("GET /metrics", s.metrics.handler())
@@ -68,9 +76,15 @@ func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
 
 // promptText flattens the prompt: chat messages as "role\x00content\x01"
 // (the same framing the balancer hashes), a completion prompt as its text.
-func promptText(req *chatRequest, chat bool) (string, error) {
+func promptText(req *chatRequest, api apiKind) (string, error) {
+	switch api {
+	case apiResponses:
+		return responsesPrompt(req)
+	case apiMessages:
+		return messagesPrompt(req)
+	}
 	var b strings.Builder
-	if chat {
+	if api == apiChat {
 		if len(req.Messages) == 0 {
 			return "", fmt.Errorf("'messages' is required and must not be empty")
 		}
@@ -110,7 +124,7 @@ func promptText(req *chatRequest, chat bool) (string, error) {
 	return "", fmt.Errorf("'prompt' must be a string or an array of strings")
 }
 
-func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
+func (s *Server) complete(w http.ResponseWriter, r *http.Request, api apiKind) {
 	s.stats.requests.Add(1)
 	cfg := s.config()
 	if s.startingUp() {
@@ -133,14 +147,23 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 		openAIError(w, http.StatusNotFound, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model))
 		return
 	}
-	text, err := promptText(&req, chat)
+	text, err := promptText(&req, api)
 	if err != nil {
 		s.stats.badRequests.Add(1)
 		openAIError(w, http.StatusBadRequest, "invalid_request_error", err.Error())
 		return
 	}
 	maxTokens := cfg.DefaultMaxTok
-	if req.MaxCompletionTokens != nil {
+	if api == apiMessages && req.MaxTokens == nil {
+		s.stats.badRequests.Add(1)
+		openAIError(w, http.StatusBadRequest, "invalid_request_error", "max_tokens: Field required")
+		return
+	}
+	if api == apiResponses {
+		if req.MaxOutputTokens != nil {
+			maxTokens = *req.MaxOutputTokens
+		}
+	} else if req.MaxCompletionTokens != nil {
 		maxTokens = *req.MaxCompletionTokens
 	} else if req.MaxTokens != nil {
 		maxTokens = *req.MaxTokens
@@ -191,13 +214,13 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 	}
 	arrived := time.Now()
 	s.eng.submit(q)
-	out := responder{w: w, chat: chat, model: cfg.Model, id: fmt.Sprintf("cmpl-%d", arrived.UnixNano()), created: arrived.Unix()}
+	out := s.answerer(w, api, cfg, arrived)
 	includeUsage := req.StreamOptions != nil && req.StreamOptions.IncludeUsage
 	if req.Stream {
 		w.Header().Set("Content-Type", "text/event-stream")
 		w.Header().Set("Cache-Control", "no-cache")
 		w.WriteHeader(http.StatusOK)
-		out.chunk(`{"role":"assistant","content":""}`, "", nil)
+		out.start(promptTokens)
 	}
 	var first time.Time
 	n := 0
@@ -237,13 +260,86 @@ func (s *Server) finish(q *seq, arrived, first time.Time, n int) {
 	s.metrics.observe(first.Sub(arrived), time.Since(arrived), q.prompt, n)
 }
 
+// answer writes one API's answer: start opens a stream, token streams the
+// n-th token, end closes the stream or writes the whole answer.
+type answer interface {
+	start(prompt int)
+	token(n int)
+	end(stream, includeUsage bool, prompt, n int)
+}
+
+func (s *Server) answerer(w http.ResponseWriter, api apiKind, cfg Config, arrived time.Time) answer {
+	o := responder{
+		w: w, chat: api == apiChat, model: cfg.Model, id: fmt.Sprintf("cmpl-%d", arrived.UnixNano()), created: arrived.Unix(),
+		spaced: cfg.SpacedJSON, reasoning: cfg.ReasoningTokens,
+	}
+	switch api {
+	case apiResponses:
+		o.id = fmt.Sprintf("resp_%d", arrived.UnixNano())
+		return &responsesAnswer{responder: o}
+	case apiMessages:
+		o.id = fmt.Sprintf("msg_%d", arrived.UnixNano())
+		return &messagesAnswer{responder: o}
+	}
+	return &o
+}
+
+func (o *responder) start(int) {
+	if o.chat {
+		// vLLM opens a chat stream with the role; completions streams
+		// start with the first token's text
+		o.chunk(`{"role":"assistant","content":""}`, "", nil)
+	} else {
+		o.flush()
+	}
+}
+
+func (o *responder) flush() {
+	if f, ok := o.w.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
 // responder writes OpenAI responses: SSE chunks or one JSON object.
 type responder struct {
-	w       http.ResponseWriter
-	chat    bool
-	model   string
-	id      string
-	created int64
+	w         http.ResponseWriter
+	chat      bool
+	model     string
+	id        string
+	created   int64
+	spaced    bool // Python's JSON separators
+	reasoning int  // leading tokens sent as reasoning_content (chat only)
+}
+
+// json returns compact JSON text as the responder writes it.
+func (o *responder) json(compact string) string {
+	if o.spaced {
+		return spaceJSON(compact)
+	}
+	return compact
+}
+
+// spaceJSON rewrites compact JSON with the separators of Python's json.dumps
+// defaults: ", " between items and ": " after keys.
+func spaceJSON(compact string) string {
+	var b strings.Builder
+	b.Grow(len(compact) + len(compact)/8)
+	inString, escaped := false, false
+	for i := 0; i < len(compact); i++ {
+		c := compact[i]
+		b.WriteByte(c)
+		switch {
+		case inString && escaped:
+			escaped = false
+		case inString && c == '\\':
+			escaped = true
+		case c == '"':
+			inString = !inString
+		case !inString && (c == ',' || c == ':'):
+			b.WriteByte(' ')
+		}
+	}
+	return b.String()
 }
 
 // word is the text of the n-th generated token: about 4 characters.
@@ -275,7 +371,7 @@ func (o *responder) chunk(delta string, finish string, usage *[2]int) {
 			`,"total_tokens":` + strconv.Itoa(usage[0]+usage[1]) + `}`
 	}
 	payload += "}"
-	_, _ = fmt.Fprintf(o.w, "data: %s\n\n", payload)
+	_, _ = fmt.Fprintf(o.w, "data: %s\n\n", o.json(payload))
 	if f, ok := o.w.(http.Flusher); ok {
 		f.Flush()
 	}
@@ -283,6 +379,10 @@ func (o *responder) chunk(delta string, finish string, usage *[2]int) {
 
 func (o *responder) token(n int) {
 	if o.chat {
+		if n <= o.reasoning {
+			o.chunk(`{"reasoning_content":"`+word(n)+`","content":null}`, "", nil)
+			return
+		}
 		o.chunk(`{"content":"`+word(n)+`"}`, "", nil)
 		return
 	}
@@ -305,16 +405,24 @@ func (o *responder) end(stream, includeUsage bool, prompt, n int) {
 		}
 		return
 	}
-	var text strings.Builder
+	var text, reasoning strings.Builder
 	for i := 1; i <= n; i++ {
+		if o.chat && i <= o.reasoning {
+			reasoning.WriteString(word(i))
+			continue
+		}
 		text.WriteString(word(i))
 	}
 	usage := map[string]int{"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 	var body map[string]any
 	if o.chat {
+		msg := map[string]any{"role": "assistant", "content": text.String()}
+		if o.reasoning > 0 {
+			msg["reasoning_content"] = reasoning.String()
+		}
 		body = map[string]any{
 			"id": o.id, "object": "chat.completion", "created": o.created, "model": o.model,
-			"choices": []map[string]any{{"index": 0, "message": map[string]any{"role": "assistant", "content": text.String()}, "finish_reason": "length"}},
+			"choices": []map[string]any{{"index": 0, "message": msg, "finish_reason": "length"}},
 			"usage":   usage,
 		}
 	} else {
@@ -324,6 +432,7 @@ func (o *responder) end(stream, includeUsage bool, prompt, n int) {
 			"usage":   usage,
 		}
 	}
+	b, _ := json.Marshal(body)
 	o.w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(o.w).Encode(body)
+	_, _ = io.WriteString(o.w, o.json(string(b))+"\n")
 }

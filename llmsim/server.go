@@ -28,7 +28,28 @@ type Config struct {
 	CharsPerToken   int           // default 4
 	DefaultMaxTok   int           // output when a request sets no max_tokens; default 128
 
+	// SpeedChanges set Speed at times after Start (Listen), in order: an
+	// engine that slows down (thermal throttling, a noisy neighbour) or
+	// recovers mid-run. Default: none.
+	SpeedChanges []SpeedChange
+
+	// SpacedJSON writes JSON with Python's default separators ({"a": 1,
+	// "b": 2}), as Python servers do, in SSE chunks and JSON answers.
+	// Default: compact, as Go and vLLM's pydantic write it.
+	SpacedJSON bool
+	// ReasoningTokens makes a chat answer's first N generated tokens
+	// reasoning: streamed as "reasoning_content" deltas with "content":
+	// null and returned as message.reasoning_content, as vLLM's reasoning
+	// parsers do. They count as completion tokens. Default 0.
+	ReasoningTokens int
+
 	Faults Faults
+}
+
+// SpeedChange sets an engine's speed At a time after it starts listening.
+type SpeedChange struct {
+	At    time.Duration
+	Speed float64
 }
 
 // Faults are injected failures; all off by default.
@@ -150,6 +171,7 @@ type Server struct {
 	metrics *metrics
 	rng     *rand.Rand
 	rngMu   sync.Mutex
+	timers  []*time.Timer // pending SpeedChanges
 }
 
 // New returns a server with cfg that is not listening yet.
@@ -192,6 +214,10 @@ func (s *Server) Listen(addr string) error {
 	s.started = time.Now()
 	s.done = make(chan struct{})
 	s.srv = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
+	for _, c := range s.cfg.SpeedChanges {
+		speed := c.Speed
+		s.timers = append(s.timers, time.AfterFunc(c.At, func() { s.SetSpeed(speed) }))
+	}
 	go s.eng.run(s.done)
 	go func(srv *http.Server) { _ = srv.Serve(ln) }(s.srv)
 	return nil
@@ -206,6 +232,10 @@ func (s *Server) Stop() {
 		return
 	}
 	close(s.done)
+	for _, t := range s.timers {
+		t.Stop()
+	}
+	s.timers = nil
 	_ = s.srv.Close()
 	s.ln = nil
 	// requests still in the engine end with it

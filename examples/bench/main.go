@@ -3,10 +3,15 @@
 // selection policy in turn, in front of a fresh simulated heterogeneous pool
 // each time, and prints a markdown table. With -overhead it instead compares
 // the proxy throughput of `transport aibalance` + `ai_predictive` with stock
-// `reverse_proxy` + `least_conn` on tiny responses.
+// `reverse_proxy` + `least_conn` on tiny responses. With -matrix it runs a
+// scenario matrix (pools, engine timings, workloads, loads) comparing
+// ai_predictive with least_conn over several seeds per cell; see
+// BENCHMARKS.md.
 //
 //	go run ./examples/bench -speeds 1,1,0.6,0.3 -load 0.7 -duration 60s
 //	go run ./examples/bench -overhead -duration 10s
+//	go run ./examples/bench -matrix quick
+//	go run ./examples/bench -matrix full -cells base,pool-batch -policies least_tokens
 package main
 
 import (
@@ -54,6 +59,10 @@ func main() {
 	rounds := flag.Int("rounds", 4, "alternating runs of each setup for -overhead")
 	flag.BoolVar(&detail, "detail", false, "after each row, print per-backend TTFT percentiles and the slowest first tokens")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
+	matrix := flag.String("matrix", "", "run the scenario matrix: quick or full (-policies then adds policies to ai_predictive and least_conn)")
+	cellList := flag.String("cells", "", "comma-separated cells of the matrix to run (default: all)")
+	seeds := flag.Int("seeds", 0, "seeds per cell and policy in the matrix (default: the preset's)")
+	timeScale := flag.Float64("timescale", 0, "multiply every engine's speed in the matrix (default: the preset's)")
 	flag.Parse()
 
 	if *cpuprofile != "" {
@@ -67,6 +76,41 @@ func main() {
 	}
 	if *overhead {
 		runOverhead(*duration, *conc, max(*rounds, 1))
+		return
+	}
+	if *matrix != "" {
+		o, err := presetOptions(*matrix)
+		if err == nil {
+			o.cells, err = pickCells(*cellList)
+		}
+		if err == nil {
+			o.policies, err = matrixPolicies(*only)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(2)
+		}
+		flag.Visit(func(f *flag.Flag) { // explicit flags override the preset
+			switch f.Name {
+			case "duration":
+				o.measured = *duration
+			case "warmup":
+				o.warmup = *warmup
+			}
+		})
+		if *seeds > 0 {
+			o.seeds = *seeds
+		}
+		if *timeScale > 0 {
+			o.timeScale = *timeScale
+		}
+		o.progress = os.Stderr
+		err = runMatrix(o, os.Stdout)
+		_ = harness.Stop()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
 		return
 	}
 	var speeds []float64

@@ -1,0 +1,434 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/aibalance/caddy-aibalance/internal/harness"
+	"github.com/aibalance/caddy-aibalance/llmsim"
+)
+
+// matrixOptions sets how long and how often each cell runs.
+type matrixOptions struct {
+	preset    string        // quick or full (for the header)
+	seeds     int           // runs per cell and policy, seeds 1..seeds
+	warmup    time.Duration // unrecorded start of each run (cells with warm-up)
+	measured  time.Duration // recorded part of each run
+	drain     time.Duration // longest wait for requests in flight at the end
+	timeScale float64       // engine speeds are multiplied by this
+	cells     []cell
+	policies  []matrixPolicy // the first is the policy under test, the second the baseline
+	progress  io.Writer      // one line per run; nil: none
+}
+
+// Presets. Engines run 5× faster than the simulator's defaults (a step of
+// 3.2 ms instead of 16 ms at speed 1) so a short run still has hundreds of
+// requests; ratios between policies are what the matrix reports. A run
+// lasts warm-up + measured + the drain of the requests still in flight
+// (about the longest request: 1–2 s, 10 s in work-longgen) + ~0.5 s set-up:
+//
+//	full:  16 cells × 3 seeds × 2 policies × ~19 s ≈ 31 min
+//	quick: 16 cells × 1 seed  × 2 policies × ~7.5 s ≈ 4.3 min
+func presetOptions(name string) (matrixOptions, error) {
+	switch name {
+	case "full":
+		return matrixOptions{preset: name, seeds: 3, warmup: 2 * time.Second, measured: 15 * time.Second, drain: time.Minute, timeScale: 5}, nil
+	case "quick":
+		return matrixOptions{preset: name, seeds: 1, warmup: 2 * time.Second, measured: 3 * time.Second, drain: time.Minute, timeScale: 5}, nil
+	}
+	return matrixOptions{}, fmt.Errorf("unknown matrix %q: want quick or full", name)
+}
+
+// matrixPolicy is a selection policy and the transport it runs with.
+type matrixPolicy struct {
+	name      string
+	selection map[string]any
+	ours      bool // transport aibalance
+	noScrape  bool // always tell the transport "engine": "none"
+}
+
+// matrixPolicies are the policies -policies can add to the default pair.
+func matrixPolicies(extra string) ([]matrixPolicy, error) {
+	known := []matrixPolicy{
+		{name: "ai_predictive", selection: map[string]any{"policy": "ai_predictive"}, ours: true},
+		{name: "least_conn", selection: map[string]any{"policy": "least_conn"}},
+		{name: "ai_predictive_noscrape", selection: map[string]any{"policy": "ai_predictive"}, ours: true, noScrape: true},
+		{name: "least_tokens", selection: map[string]any{"policy": "least_tokens"}, ours: true},
+		{name: "round_robin", selection: map[string]any{"policy": "round_robin"}},
+		{name: "random", selection: map[string]any{"policy": "random"}},
+	}
+	out := known[:2:2]
+	for _, n := range strings.Split(extra, ",") {
+		n = strings.TrimSpace(n)
+		if n == "" || n == "ai_predictive" || n == "least_conn" {
+			continue
+		}
+		found := false
+		for _, p := range known {
+			if p.name == n {
+				out, found = append(out, p), true
+			}
+		}
+		if !found {
+			var names []string
+			for _, p := range known {
+				names = append(names, p.name)
+			}
+			return nil, fmt.Errorf("unknown policy %q; policies: %s", n, strings.Join(names, ", "))
+		}
+	}
+	return out, nil
+}
+
+// transport returns the transport object of p in cell c (nil: stock http).
+func (p matrixPolicy) transport(c cell) map[string]any {
+	if !p.ours {
+		return nil
+	}
+	t := map[string]any{"protocol": "aibalance"}
+	if transportKnowsEngine {
+		t["engine"] = "auto"
+		if p.noScrape || !c.scrape {
+			t["engine"] = "none"
+		}
+	}
+	return t
+}
+
+// runResult is what one run of one policy measured.
+type runResult struct {
+	ttftP50, ttftP99, e2eP50, e2eP99 time.Duration
+	reqPerSec, tokPerSec             float64
+	errors                           int
+	requests                         int
+	fastShare, fastCapShare          float64 // the fastest engines' share of requests and of capacity
+	side                             llmsim.SideStats
+	wall                             time.Duration
+}
+
+// runOnce runs one policy on one cell with a fresh pool and a freshly
+// loaded Caddy config.
+func runOnce(o matrixOptions, c cell, p matrixPolicy, seed uint64) (runResult, error) {
+	var res runResult
+	began := time.Now()
+	cfgs := c.configs(o.timeScale, o.warmup, o.measured)
+	caps := c.capacities(cfgs, o.warmup, o.measured)
+	pool, err := llmsim.StartPool(cfgs...)
+	if err != nil {
+		return res, err
+	}
+	defer pool.Close()
+	port, err := harness.FreePort()
+	if err != nil {
+		return res, err
+	}
+	px := harness.Proxy{Port: port, Upstreams: pool.Addrs(), Policy: p.selection, Transport: p.transport(c)}
+	base, err := px.Start()
+	if err != nil {
+		return res, err
+	}
+	w := c.workload(seed, o.warmup, o.measured)
+	var total float64
+	for _, x := range caps {
+		total += x
+	}
+	w.URL, w.Rate = base+"/v1/chat/completions", c.load*total
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024}}
+	defer client.CloseIdleConnections()
+	w.Client = client
+
+	ctx, cancel := context.WithTimeout(context.Background(), w.Duration+o.drain+10*time.Second)
+	defer cancel()
+	// a client getting ready: probes and a model listing, one at a time;
+	// then a probe every second, a listing every 3 s and a few broken POSTs
+	side := llmsim.SideTraffic{BaseURL: base, Before: 3, ProbeEvery: time.Second, ModelsEvery: 3 * time.Second, Malformed: 3}.
+		Start(ctx, w.Duration)
+	// throughput: what completed inside the measured window, warm-up
+	// requests included (the arrivals are the same for every policy; what
+	// it finishes in time is not)
+	t0 := time.Now()
+	from, to := t0.Add(w.Warmup), t0.Add(w.Duration)
+	var mu sync.Mutex
+	var doneReqs, doneToks int
+	w.OnResult = func(r llmsim.Record) {
+		end := r.Started.Add(r.E2E)
+		if r.Err == nil && r.Status == http.StatusOK && !end.Before(from) && end.Before(to) {
+			mu.Lock()
+			doneReqs++
+			doneToks += r.Tokens
+			mu.Unlock()
+		}
+	}
+	recs := w.Run(ctx, o.drain)
+	res.side = side.Wait()
+
+	s := llmsim.Summarize(recs, o.measured)
+	ok := s.Requests - s.Errors
+	res.ttftP50, res.ttftP99, res.e2eP50, res.e2eP99 = s.TTFT.P50, s.TTFT.P99, s.E2E.P50, s.E2E.P99
+	res.errors, res.requests = s.Errors, s.Requests
+	mu.Lock()
+	defer mu.Unlock()
+	res.reqPerSec, res.tokPerSec = float64(doneReqs)/o.measured.Seconds(), float64(doneToks)/o.measured.Seconds()
+
+	// the fastest engines: every engine within 1% of the highest capacity
+	hi := 0.0
+	for _, x := range caps {
+		hi = max(hi, x)
+	}
+	fast := map[string]bool{}
+	fastCap := 0.0
+	for i, a := range pool.Addrs() {
+		if caps[i] >= 0.99*hi {
+			fast[a] = true
+			fastCap += caps[i]
+		}
+	}
+	n := 0
+	for _, r := range recs {
+		if r.Err == nil && r.Status == http.StatusOK && fast[r.Backend] {
+			n++
+		}
+	}
+	res.fastShare = float64(n) / float64(max(ok, 1))
+	res.fastCapShare = fastCap / total
+	res.wall = time.Since(began)
+	return res, nil
+}
+
+// cellResult is every run of a cell, by policy.
+type cellResult struct {
+	cell  cell
+	caps  []float64
+	runs  map[string][]runResult
+	order []string
+}
+
+// runMatrix runs every cell, seed and policy, writing each cell's table
+// as it completes, then the summary and the total wall time.
+func runMatrix(o matrixOptions, out io.Writer) error {
+	start := time.Now()
+	n := len(o.cells) * o.seeds * len(o.policies)
+	fmt.Fprintf(out, "# Routing matrix (%s), %s\n\n", o.preset, time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(out, "%d cells × %d seeds × %d policies = %d runs; each run: a fresh simulated pool and a freshly loaded Caddy, %v warm-up (cells with warm-up) + %v measured, engine speeds ×%g; %d CPUs, %s.",
+		len(o.cells), o.seeds, len(o.policies), n, o.warmup, o.measured, o.timeScale, runtime.NumCPU(), runtime.Version())
+	if !transportKnowsEngine {
+		fmt.Fprint(out, " The transport does not take the \"engine\" key yet: the noscrape cell runs as scraped.")
+	}
+	fmt.Fprint(out, "\n\n")
+	var results []cellResult
+	done := 0
+	for _, c := range o.cells {
+		cr := cellResult{cell: c, runs: map[string][]runResult{}}
+		cr.caps = c.capacities(c.configs(o.timeScale, o.warmup, o.measured), o.warmup, o.measured)
+		for seed := 1; seed <= o.seeds; seed++ {
+			for _, p := range o.policies {
+				r, err := runOnce(o, c, p, uint64(seed))
+				if err != nil {
+					return fmt.Errorf("cell %s, seed %d, %s: %w", c.name, seed, p.name, err)
+				}
+				done++
+				if o.progress != nil {
+					fmt.Fprintf(o.progress, "bench: [%d/%d] %s seed %d %s: %d requests, %d errors, %.1fs (total %s)\n",
+						done, n, c.name, seed, p.name, r.requests, r.errors, r.wall.Seconds(), time.Since(start).Round(time.Second))
+				}
+				cr.runs[p.name] = append(cr.runs[p.name], r)
+			}
+		}
+		for _, p := range o.policies {
+			cr.order = append(cr.order, p.name)
+		}
+		printCell(out, o, cr)
+		results = append(results, cr)
+	}
+	printSummary(out, o, results)
+	fmt.Fprintf(out, "\nTotal wall time: %s\n", time.Since(start).Round(time.Second))
+	return nil
+}
+
+// stat is the median over seeds and the min–max spread of one figure.
+type stat struct{ med, lo, hi float64 }
+
+func statOf(runs []runResult, f func(runResult) float64) stat {
+	v := make([]float64, len(runs))
+	for i, r := range runs {
+		v[i] = f(r)
+	}
+	sort.Float64s(v)
+	if len(v) == 0 {
+		return stat{}
+	}
+	med := v[len(v)/2]
+	if len(v)%2 == 0 {
+		med = (v[len(v)/2-1] + v[len(v)/2]) / 2
+	}
+	return stat{med, v[0], v[len(v)-1]}
+}
+
+func (s stat) format(unit func(float64) string) string {
+	if s.lo == s.hi {
+		return unit(s.med)
+	}
+	return fmt.Sprintf("%s (%s–%s)", unit(s.med), unit(s.lo), unit(s.hi))
+}
+
+func msf(sec float64) string { return ms(time.Duration(sec * float64(time.Second))) }
+func num(prec int) func(float64) string {
+	return func(x float64) string { return fmt.Sprintf("%.*f", prec, x) }
+}
+func pct(x float64) string { return fmt.Sprintf("%.0f%%", 100*x) }
+
+func secs(f func(runResult) time.Duration) func(runResult) float64 {
+	return func(r runResult) float64 { return f(r).Seconds() }
+}
+
+var figures = []struct {
+	name string
+	get  func(runResult) float64
+}{
+	{"TTFT p50", secs(func(r runResult) time.Duration { return r.ttftP50 })},
+	{"TTFT p99", secs(func(r runResult) time.Duration { return r.ttftP99 })},
+	{"E2E p50", secs(func(r runResult) time.Duration { return r.e2eP50 })},
+	{"E2E p99", secs(func(r runResult) time.Duration { return r.e2eP99 })},
+	{"req/s", func(r runResult) float64 { return r.reqPerSec }},
+	{"out tok/s", func(r runResult) float64 { return r.tokPerSec }},
+	{"errors", func(r runResult) float64 { return float64(r.errors) }},
+	{"fastest share", func(r runResult) float64 { return r.fastShare }},
+}
+
+func printCell(out io.Writer, o matrixOptions, cr cellResult) {
+	c := cr.cell
+	speeds := make([]string, len(c.engines))
+	for i, e := range c.engines {
+		speeds[i] = fmt.Sprintf("%g", max(e.Speed, 1e-9))
+	}
+	var total float64
+	for _, x := range cr.caps {
+		total += x
+	}
+	fmt.Fprintf(out, "## %s\n\n%s. Engines %s (×%g); capacity %.1f req/s, offered %.1f req/s (%.0f%%)",
+		c.name, c.about, strings.Join(speeds, ", "), o.timeScale, total, c.load*total, 100*c.load)
+	if !c.scrape {
+		fmt.Fprint(out, `; transport "engine": "none"`)
+		if !transportKnowsEngine {
+			fmt.Fprint(out, " (not sent yet)")
+		}
+	}
+	fmt.Fprint(out, ".\n\n")
+	fmt.Fprintln(out, "| policy | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 | req/s | out tok/s | errors | fastest share / capacity share | side traffic unexpected |")
+	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|---|")
+	for _, name := range cr.order {
+		runs := cr.runs[name]
+		cells := []string{name}
+		for _, f := range figures {
+			s := statOf(runs, f.get)
+			switch f.name {
+			case "req/s":
+				cells = append(cells, s.format(num(1)))
+			case "out tok/s", "errors":
+				cells = append(cells, s.format(num(0)))
+			case "fastest share":
+				cells = append(cells, s.format(pct)+" / "+pct(runs[0].fastCapShare))
+			default:
+				cells = append(cells, s.format(msf))
+			}
+		}
+		side, unexpected := 0, 0
+		for _, r := range runs {
+			side += r.side.Probes + r.side.Models + r.side.Malformed
+			unexpected += r.side.Unexpected
+		}
+		note := fmt.Sprintf("%d of %d", unexpected, side)
+		for _, r := range runs {
+			if len(r.side.Notes) > 0 {
+				note += " (" + strings.Join(r.side.Notes, "; ") + ")"
+				break
+			}
+		}
+		cells = append(cells, note)
+		fmt.Fprintln(out, "| "+strings.Join(cells, " | ")+" |")
+	}
+	fmt.Fprintln(out)
+}
+
+// misses lists the targets the policy under test missed in a cell.
+func misses(cr cellResult, test, base string) (ratios []float64, miss []string) {
+	t, b := cr.runs[test], cr.runs[base]
+	med := func(runs []runResult, i int) float64 { return statOf(runs, figures[i].get).med }
+	ratio := func(i int) float64 {
+		x, y := med(t, i), med(b, i)
+		if y == 0 {
+			if x == 0 {
+				return 1
+			}
+			return 0 // undefined; shown as –
+		}
+		return x / y
+	}
+	// TTFT p50, TTFT p99, E2E p50, E2E p99, throughput (req/s), fastest share / capacity share
+	ratios = []float64{ratio(0), ratio(1), ratio(2), ratio(3), ratio(4)}
+	share := med(t, 7) / max(t[0].fastCapShare, 1e-9)
+	ratios = append(ratios, share)
+	if ratios[1] > 1.05 {
+		miss = append(miss, "TTFT p99 > 1.05")
+	}
+	if ratios[3] > 1.05 {
+		miss = append(miss, "E2E p99 > 1.05")
+	}
+	if heterogeneous(cr.caps) && cr.cell.load >= 0.6 {
+		if ratios[3] > 0.6 {
+			miss = append(miss, "E2E p99 > 0.6 (heterogeneous)")
+		}
+		if ratios[1] > 0.8 {
+			miss = append(miss, "TTFT p99 > 0.8 (heterogeneous)")
+		}
+	}
+	if share < 0.5 {
+		miss = append(miss, "fastest share < ½ capacity share")
+	}
+	for _, r := range t {
+		if r.errors > 0 {
+			miss = append(miss, "errors")
+			break
+		}
+	}
+	return ratios, miss
+}
+
+func printSummary(out io.Writer, o matrixOptions, results []cellResult) {
+	test, base := o.policies[0].name, o.policies[1].name
+	fmt.Fprintf(out, "## Summary: %s / %s\n\n", test, base)
+	fmt.Fprintln(out, "Medians over seeds; a ratio below 1 means the policy under test is lower (better for latencies, worse for throughput).")
+	fmt.Fprintln(out)
+	fmt.Fprintln(out, "| cell | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 | throughput | errors | fastest share / capacity share | missed targets |")
+	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|")
+	missed := 0
+	for _, cr := range results {
+		ratios, miss := misses(cr, test, base)
+		row := []string{cr.cell.name}
+		for _, x := range ratios[:5] {
+			if x == 0 {
+				row = append(row, "–")
+				continue
+			}
+			row = append(row, fmt.Sprintf("%.2f", x))
+		}
+		errT := statOf(cr.runs[test], figures[6].get).med
+		errB := statOf(cr.runs[base], figures[6].get).med
+		row = append(row, fmt.Sprintf("%.0f / %.0f", errT, errB), fmt.Sprintf("%.2f", ratios[5]))
+		mark := "✓"
+		if len(miss) > 0 {
+			mark = "**✗ " + strings.Join(miss, "; ") + "**"
+			missed++
+		}
+		row = append(row, mark)
+		fmt.Fprintln(out, "| "+strings.Join(row, " | ")+" |")
+	}
+	fmt.Fprintf(out, "\n%d of %d cells miss a target. Targets: TTFT p99 and E2E p99 ratios ≤ 1.05; in heterogeneous cells at ≥ 60%% load E2E p99 ≤ 0.6 and TTFT p99 ≤ 0.8; the fastest engines get at least half their capacity share; no errors.\n", missed, len(results))
+}
