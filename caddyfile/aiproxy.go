@@ -47,6 +47,13 @@ const (
 //	    choose  <k>|all
 //	    ttft_weight <w>
 //
+//	    # the engines' Prometheus metrics (see transport aibalance)
+//	    engine           auto|vllm|sglang|tgi|llamacpp|none
+//	    metrics_path     <path>
+//	    metrics_port     <port>
+//	    metrics_interval <duration>
+//	    metrics_timeout  <duration>
+//
 //	    # and every reverse_proxy subdirective, unchanged
 //	}
 //
@@ -83,8 +90,14 @@ func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	tokens = append(tokens, open)
 
 	var pol policyOptions
+	var eng selection.Transport // the engine-metrics options given at the top level
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		if handled, err := pol.parse(d); err != nil {
+			return nil, err
+		} else if handled {
+			continue
+		}
+		if handled, err := eng.UnmarshalEngineOption(d); err != nil {
 			return nil, err
 		} else if handled {
 			continue
@@ -95,8 +108,11 @@ func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 		}
 		tokens = append(tokens, seg...)
 	}
-	closing := tokens[len(tokens)-1]
-	closing.Text, closing.Line = "}", closing.Line+1
+	// the brace is made from the header, not copied from the last token: a
+	// copy of a quoted argument would stay quoted, and a quoted "}" is
+	// text, not the end of the block
+	closing := header
+	closing.Text, closing.Line = "}", tokens[len(tokens)-1].Line+1
 	tokens = append(tokens, closing)
 
 	rp := new(reverseproxy.Handler)
@@ -111,7 +127,43 @@ func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	if err := applyDefaults(d, rp, &pol); err != nil {
 		return nil, err
 	}
+	if err := applyEngine(d, rp, &eng); err != nil {
+		return nil, err
+	}
 	return rp, nil
+}
+
+// applyEngine moves the engine-metrics options given at ai_proxy's top
+// level into its transport, refusing one given in both places.
+func applyEngine(d *caddyfile.Dispenser, rp *reverseproxy.Handler, eng *selection.Transport) error {
+	if eng.Engine == "" && eng.MetricsPath == "" && eng.MetricsPort == 0 && eng.MetricsInterval == 0 && eng.MetricsTimeout == 0 {
+		return nil
+	}
+	t := new(selection.Transport)
+	if err := json.Unmarshal(rp.TransportRaw, t); err != nil {
+		return d.Errf("ai_proxy: reading the transport: %v", err)
+	}
+	if (eng.Engine != "" && t.Engine != "") || (eng.MetricsPath != "" && t.MetricsPath != "") || (eng.MetricsPort != 0 && t.MetricsPort != 0) ||
+		(eng.MetricsInterval != 0 && t.MetricsInterval != 0) || (eng.MetricsTimeout != 0 && t.MetricsTimeout != 0) {
+		return d.Err("ai_proxy: an engine option is given both in the block and in transport aibalance")
+	}
+	if eng.Engine != "" {
+		t.Engine = eng.Engine
+	}
+	if eng.MetricsPath != "" {
+		t.MetricsPath = eng.MetricsPath
+	}
+	if eng.MetricsPort != 0 {
+		t.MetricsPort = eng.MetricsPort
+	}
+	if eng.MetricsInterval != 0 {
+		t.MetricsInterval = eng.MetricsInterval
+	}
+	if eng.MetricsTimeout != 0 {
+		t.MetricsTimeout = eng.MetricsTimeout
+	}
+	rp.TransportRaw = caddyconfig.JSONModuleObject(t, "protocol", "aibalance", nil)
+	return nil
 }
 
 // policyOptions are the ai_proxy subdirectives that choose the policy.

@@ -4,16 +4,22 @@ package selection
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
+	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
 
 	"github.com/aibalance/caddy-aibalance/aibalance"
+	"github.com/aibalance/caddy-aibalance/healthcheck"
 )
 
 func init() {
@@ -42,6 +48,23 @@ func init() {
 type Transport struct {
 	reverseproxy.HTTPTransport
 
+	// Engine is the inference engine behind the upstreams, whose
+	// Prometheus metrics (queue, running batch, KV cache use) are scraped
+	// and used by the latency model: auto (detected from the metric names),
+	// vllm, sglang, tgi, llamacpp, or none (hosted APIs that expose no
+	// metrics). Default: auto.
+	Engine string `json:"engine,omitempty"`
+	// MetricsPath is the engines' metrics path. Default: /metrics.
+	MetricsPath string `json:"metrics_path,omitempty"`
+	// MetricsPort is the engines' metrics port when it is not the
+	// upstream's own. Default: the upstream's port.
+	MetricsPort int `json:"metrics_port,omitempty"`
+	// MetricsInterval is how often each engine is scraped; values older
+	// than three intervals are ignored. Default: 1s.
+	MetricsInterval caddy.Duration `json:"metrics_interval,omitempty"`
+	// MetricsTimeout bounds one scrape. Default: the interval, at most 2s.
+	MetricsTimeout caddy.Duration `json:"metrics_timeout,omitempty"`
+
 	app   *aibalance.App
 	set   aibalance.BackendSet
 	pool  *aibalance.Pool // the handler's, for requests no policy of ours routed
@@ -49,6 +72,13 @@ type Transport struct {
 	// requestBuffers is the handler's request_buffers: bodies it buffers
 	// whole are given to each attempt afresh, so the transport may read them
 	requestBuffers int64
+
+	scrape  healthcheck.ScrapeConfig
+	client  *http.Client
+	scraped sync.Map // addr → true once a scraper was acquired (or refused)
+	held    []string // addresses with a scraper reference
+	heldMu  sync.Mutex
+	logger  *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -84,11 +114,65 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 			break
 		}
 	}
+	t.logger = ctx.Logger()
+	t.scrape = healthcheck.ScrapeConfig{
+		Engine:   t.Engine,
+		Path:     t.MetricsPath,
+		Port:     t.MetricsPort,
+		Interval: time.Duration(t.MetricsInterval),
+		Timeout:  time.Duration(t.MetricsTimeout),
+	}
+	if t.TLSEnabled() {
+		t.scrape.Scheme = "https"
+	}
+	if err := t.scrape.Validate(); err != nil {
+		return fmt.Errorf("transport aibalance: %w", err)
+	}
+	// scrapes share the proxy's connection settings and TLS
+	t.client = &http.Client{Transport: t.HTTPTransport.Transport}
+	for _, addr := range aibalance.HandlerUpstreams(ctx) {
+		t.scrapeOnce(addr)
+	}
 	return nil
 }
 
-// Cleanup releases the store references and the embedded transport.
+// Validate checks the engine settings.
+func (t *Transport) Validate() error {
+	if t.Engine != "" && !healthcheck.ValidEngine(t.Engine) {
+		return fmt.Errorf("transport aibalance: unknown engine %q: want auto, vllm, sglang, tgi, llamacpp or none", t.Engine)
+	}
+	if t.MetricsInterval < 0 || t.MetricsTimeout < 0 || t.MetricsPort < 0 || t.MetricsPort > 65535 {
+		return fmt.Errorf("transport aibalance: metrics_interval, metrics_timeout and metrics_port must not be negative (port at most 65535)")
+	}
+	return nil
+}
+
+// scrapeOnce starts sharing the engine scraper of addr the first time the
+// transport sees the address: at Provision for static upstreams, at the
+// first request for dynamic ones. One scraper per address serves every
+// handler and survives reloads (see healthcheck.Acquire).
+func (t *Transport) scrapeOnce(addr string) {
+	if _, seen := t.scraped.LoadOrStore(addr, true); seen || t.scrape.Engine == healthcheck.EngineNone {
+		return
+	}
+	if err := healthcheck.Acquire(addr, t.scrape, t.client, t.set.Get(addr), t.logger); err != nil {
+		t.logger.Debug("not scraping engine metrics", zap.String("upstream", addr), zap.Error(err))
+		return
+	}
+	t.heldMu.Lock()
+	t.held = append(t.held, addr)
+	t.heldMu.Unlock()
+}
+
+// Cleanup releases the scrapers, the store references and the embedded
+// transport.
 func (t *Transport) Cleanup() error {
+	t.heldMu.Lock()
+	for _, addr := range t.held {
+		healthcheck.Release(addr, t.scrape)
+	}
+	t.held = nil
+	t.heldMu.Unlock()
 	t.set.Release()
 	if t.pool != nil {
 		aibalance.ReleasePool(t.pool.Key())
@@ -108,6 +192,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	b := t.set.Get(di.Upstream.Dial)
+	t.scrapeOnce(di.Upstream.Dial)
 	f := t.features(req)
 	pool := aibalance.RequestPool(req)
 	if pool == nil {
@@ -176,19 +261,119 @@ func (t *Transport) features(req *http.Request) *aibalance.Features {
 }
 
 // UnmarshalCaddyfile sets up the transport from Caddyfile tokens. It takes
-// every subdirective of the http transport:
+// the engine-metrics subdirectives and every subdirective of the http
+// transport:
 //
 //	transport aibalance {
+//	    engine           auto|vllm|sglang|tgi|llamacpp|none
+//	    metrics_path     <path>
+//	    metrics_port     <port>
+//	    metrics_interval <duration>
+//	    metrics_timeout  <duration>
 //	    <http transport subdirectives>
 //	}
 func (t *Transport) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	return t.HTTPTransport.UnmarshalCaddyfile(d)
+	d.Next() // consume transport name
+	header := d.Token()
+	tokens := []caddyfile.Token{header}
+	for d.NextArg() {
+		tokens = append(tokens, d.Token())
+	}
+	open := header
+	open.Text = "{"
+	tokens = append(tokens, open)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		handled, err := t.unmarshalEngine(d)
+		if err != nil {
+			return err
+		}
+		if !handled {
+			tokens = append(tokens, d.NextSegment()...)
+		}
+	}
+	closing := header // not a copy of the last token, which may be quoted
+	closing.Text, closing.Line = "}", tokens[len(tokens)-1].Line+1
+	tokens = append(tokens, closing)
+	return t.HTTPTransport.UnmarshalCaddyfile(caddyfile.NewDispenser(tokens))
+}
+
+// UnmarshalEngineOption parses one engine-metrics subdirective (engine,
+// metrics_path, metrics_port, metrics_interval, metrics_timeout) at d,
+// reporting whether it was one. ai_proxy takes them at its top level.
+func (t *Transport) UnmarshalEngineOption(d *caddyfile.Dispenser) (bool, error) {
+	return t.unmarshalEngine(d)
+}
+
+// unmarshalEngine parses one engine-metrics subdirective, reporting
+// whether it was one.
+func (t *Transport) unmarshalEngine(d *caddyfile.Dispenser) (bool, error) {
+	key := d.Val()
+	switch key {
+	case "engine", "metrics_path", "metrics_port", "metrics_interval", "metrics_timeout":
+	default:
+		return false, nil
+	}
+	if !d.NextArg() {
+		return true, d.ArgErr()
+	}
+	val := d.Val()
+	if d.NextArg() {
+		return true, d.ArgErr()
+	}
+	dup := func(set bool) error {
+		if set {
+			return d.Errf("%s already specified", key)
+		}
+		return nil
+	}
+	switch key {
+	case "engine":
+		if err := dup(t.Engine != ""); err != nil {
+			return true, err
+		}
+		if !healthcheck.ValidEngine(val) {
+			return true, d.Errf("engine: want auto, vllm, sglang, tgi, llamacpp or none, got %q", val)
+		}
+		t.Engine = val
+	case "metrics_path":
+		if err := dup(t.MetricsPath != ""); err != nil {
+			return true, err
+		}
+		if !strings.HasPrefix(val, "/") {
+			return true, d.Errf("metrics_path: want a path starting with /, got %q", val)
+		}
+		t.MetricsPath = val
+	case "metrics_port":
+		if err := dup(t.MetricsPort != 0); err != nil {
+			return true, err
+		}
+		n, err := strconv.Atoi(val)
+		if err != nil || n < 1 || n > 65535 {
+			return true, d.Errf("metrics_port: want a port from 1 to 65535, got %q", val)
+		}
+		t.MetricsPort = n
+	case "metrics_interval", "metrics_timeout":
+		target := &t.MetricsInterval
+		if key == "metrics_timeout" {
+			target = &t.MetricsTimeout
+		}
+		if err := dup(*target != 0); err != nil {
+			return true, err
+		}
+		v, err := caddy.ParseDuration(val)
+		if err != nil || v <= 0 {
+			return true, d.Errf("%s: want a positive duration such as 1s, got %q", key, val)
+		}
+		*target = caddy.Duration(v)
+	}
+	return true, nil
 }
 
 // Interface guards
 var (
 	_ http.RoundTripper                                = (*Transport)(nil)
 	_ caddy.Provisioner                                = (*Transport)(nil)
+	_ caddy.Validator                                  = (*Transport)(nil)
 	_ caddy.CleanerUpper                               = (*Transport)(nil)
 	_ caddyfile.Unmarshaler                            = (*Transport)(nil)
 	_ reverseproxy.TLSTransport                        = (*Transport)(nil)

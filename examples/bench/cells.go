@@ -8,12 +8,6 @@ import (
 	"github.com/aibalance/caddy-aibalance/llmsim"
 )
 
-// transportKnowsEngine says whether `transport aibalance` accepts the
-// "engine" key ("auto" | "none" | "vllm" ...). Until it does, the module
-// rejects unknown keys, so the bench leaves the key out and the not-scraped
-// cell runs like the base cell (its label stays, marked in the header).
-const transportKnowsEngine = false
-
 // cell is one scenario of the matrix: a pool, a workload and a load.
 type cell struct {
 	name    string

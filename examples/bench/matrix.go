@@ -93,11 +93,9 @@ func (p matrixPolicy) transport(c cell) map[string]any {
 		return nil
 	}
 	t := map[string]any{"protocol": "aibalance"}
-	if transportKnowsEngine {
-		t["engine"] = "auto"
-		if p.noScrape || !c.scrape {
-			t["engine"] = "none"
-		}
+	t["engine"] = "auto"
+	if p.noScrape || !c.scrape {
+		t["engine"] = "none"
 	}
 	return t
 }
@@ -218,9 +216,6 @@ func runMatrix(o matrixOptions, out io.Writer) error {
 	fmt.Fprintf(out, "# Routing matrix (%s), %s\n\n", o.preset, time.Now().UTC().Format("2006-01-02"))
 	fmt.Fprintf(out, "%d cells × %d seeds × %d policies = %d runs; each run: a fresh simulated pool and a freshly loaded Caddy, %v warm-up (cells with warm-up) + %v measured, engine speeds ×%g; %d CPUs, %s.",
 		len(o.cells), o.seeds, len(o.policies), n, o.warmup, o.measured, o.timeScale, runtime.NumCPU(), runtime.Version())
-	if !transportKnowsEngine {
-		fmt.Fprint(out, " The transport does not take the \"engine\" key yet: the noscrape cell runs as scraped.")
-	}
 	fmt.Fprint(out, "\n\n")
 	var results []cellResult
 	done := 0
@@ -316,9 +311,6 @@ func printCell(out io.Writer, o matrixOptions, cr cellResult) {
 		c.name, c.about, strings.Join(speeds, ", "), o.timeScale, total, c.load*total, 100*c.load)
 	if !c.scrape {
 		fmt.Fprint(out, `; transport "engine": "none"`)
-		if !transportKnowsEngine {
-			fmt.Fprint(out, " (not sent yet)")
-		}
 	}
 	fmt.Fprint(out, ".\n\n")
 	fmt.Fprintln(out, "| policy | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 | req/s | out tok/s | errors | fastest share / capacity share | side traffic unexpected |")
