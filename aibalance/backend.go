@@ -21,6 +21,8 @@ type Backend struct {
 	pendingTokens  atomic.Int64  // their prompt tokens
 	pendingSince   atomic.Int64  // sum of their start times, µs since epoch (mean age = now - sum/pending)
 	maxRunning     atomic.Int64  // most requests seen past their first token at once (for people; not a model input)
+	slots          atomic.Int64  // the engine's batch capacity, as its metrics showed it saturated (see learnSlots); 0: unknown
+	fullAt         atomic.Int64  // the running count of the last scrape that showed a queue
 	e2eEWMA        atomic.Uint64 // float64 seconds: recent completion time of successful LLM requests
 
 	requests     atomic.Uint64 // attempts finished, any outcome
@@ -41,6 +43,7 @@ type Backend struct {
 	retryAfter   atomic.Int64 // unix ns until which the backend asked not to be sent more (429/503 Retry-After)
 
 	fails  failureRate
+	recent recentRate
 	model  Model
 	engine engineState
 }
@@ -98,9 +101,19 @@ func (b *Backend) State(now time.Time) LoadState {
 		}
 		s.Inflight = max(s.Inflight, s.Pending+s.Running)
 		// the engine's queue drains as running requests finish: about
-		// running/E2E of them per second
-		if e2e := math.Float64frombits(b.e2eEWMA.Load()); m.HasWaiting && m.Waiting > 0 && e2e > 0 {
-			s.QueueWait = m.Waiting * e2e / max(s.Running, 1)
+		// slots/E2E of them per second. A request beyond a batch the
+		// engine has shown full waits its turn too.
+		e2e := math.Float64frombits(b.e2eEWMA.Load())
+		slots := float64(b.slots.Load())
+		ahead := 0.0
+		if m.HasWaiting {
+			ahead = m.Waiting
+		}
+		if slots > 0 {
+			ahead = max(ahead, s.Inflight+1-slots)
+		}
+		if e2e > 0 && ahead > 0 {
+			s.QueueWait = ahead * e2e / max(slots, s.Running, 1)
 		}
 	}
 	return s
@@ -149,6 +162,7 @@ func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
 		a.predicted = b.model.Predict(s, f.PromptTokens, f.OutputTokens, prior, now).E2E
 	}
 	a.tokens = int64(f.Tokens())
+	b.recent.add(now)
 	b.inflight.Add(1)
 	b.inflightTokens.Add(a.tokens)
 	if f.Stream {
@@ -411,3 +425,39 @@ func (b *Backend) Stats() BackendStats {
 	}
 	return s
 }
+
+// recentRate counts requests sent to a backend in per-second buckets, for
+// the share of recent traffic the admin view shows: lock-free, bounded.
+type recentRate struct {
+	sec   [recentBuckets]atomic.Int64 // the unix second each bucket counts
+	count [recentBuckets]atomic.Int64
+}
+
+const (
+	recentBuckets = 16
+	recentWindow  = 10 // seconds summed, the current (partial) one excluded
+)
+
+func (r *recentRate) add(now time.Time) {
+	sec := now.Unix()
+	i := sec % recentBuckets
+	if old := r.sec[i].Load(); old != sec && r.sec[i].CompareAndSwap(old, sec) {
+		r.count[i].Store(0)
+	}
+	r.count[i].Add(1)
+}
+
+// perSecond is the mean requests per second over the last full seconds.
+func (r *recentRate) perSecond(now time.Time) float64 {
+	sec := now.Unix()
+	var n int64
+	for i := range r.sec {
+		if s := r.sec[i].Load(); s < sec && s >= sec-recentWindow {
+			n += r.count[i].Load()
+		}
+	}
+	return float64(n) / recentWindow
+}
+
+// RecentRate is the backend's requests per second over the last ten seconds.
+func (b *Backend) RecentRate(now time.Time) float64 { return b.recent.perSecond(now) }

@@ -43,7 +43,38 @@ func (b *Backend) SetEngine(m EngineMetrics, maxAge time.Duration) {
 		m.At = time.Now()
 	}
 	b.engine.latest.Store(&engineSample{m: m, maxAge: maxAge, received: m.At})
+	b.learnSlots(m)
 }
+
+// learnSlots learns the engine's batch capacity from what it reports: a
+// batch of R running with requests still waiting, seen on two scrapes in a
+// row, means the engine is full at R (a single sample may catch requests
+// between arrival and the scheduler's next step); R running with nothing
+// waiting means it holds at least R. Only saturation the engine reported
+// lowers the estimate: what was not observed is not assumed full.
+func (b *Backend) learnSlots(m EngineMetrics) {
+	if !m.HasWaiting || !m.HasRunning || m.Running < 1 {
+		return
+	}
+	r := int64(m.Running)
+	if m.Waiting > 0 {
+		if b.fullAt.Swap(r) == r || b.slots.Load() == 0 {
+			b.slots.Store(r)
+		}
+		return
+	}
+	b.fullAt.Store(0)
+	for {
+		cur := b.slots.Load()
+		if cur == 0 || r <= cur || b.slots.CompareAndSwap(cur, r) {
+			return
+		}
+	}
+}
+
+// Slots is the engine's batch capacity as far as its metrics showed it
+// saturated; 0 when unknown.
+func (b *Backend) Slots() int64 { return b.slots.Load() }
 
 // ClearEngine forgets the backend's engine metrics (its scraper stopped).
 func (b *Backend) ClearEngine() { b.engine.latest.Store(nil) }

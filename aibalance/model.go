@@ -11,13 +11,14 @@ import (
 // recursive least squares (RLS) with exponential forgetting, over the
 // coefficients of two equations that share it:
 //
-//	TTFT = queueing + a0 + a1·pending + a2·pendingKTokens + a3·promptKTokens + a4·kvUsage
+//	TTFT = queueing + a0 + a1·pending + a2·pendingKTokens + a3·promptKTokens + a4·kvUsage + a5·running
 //	TPOT = b0 + b1·running
 //
 // "pending" are the requests in flight at the backend that have not had
 // their first token yet (queued in the engine or in prefill), and their
 // prompt tokens; "running" is the decode batch, which sets the time per
-// output token; kvUsage is the engine's KV cache use when it reports one.
+// output token, and slows the prefill steps a new request shares with it;
+// kvUsage is the engine's KV cache use when it reports one.
 // When the engine's own metrics are fresh they take precedence over the
 // balancer's counts (see Backend.State). queueing is observed, not fitted:
 // how long pending requests have waited so far, or the engine's reported
@@ -68,12 +69,12 @@ import (
 //   - outliers: scaled residuals are clipped at clipSigmas (Huber-style).
 //   - windup: with forgetting and little variation in the inputs the
 //     covariance grows without bound; its trace is capped.
-//   - coefficients are kept non-negative: more load never makes a backend
-//     faster, and a negative intercept fitted in one corner of the input
-//     space predicts nonsense in another.
+//   - slopes are read as non-negative when predicting (more load never
+//     makes a backend faster) and a prediction is floored at a twentieth
+//     of the pool's idle TTFT and TPOT; the fit itself is unconstrained.
 
 const (
-	ttftDims      = 5
+	ttftDims      = 6
 	tpotDims      = 2
 	modelDims     = ttftDims + tpotDims
 	warmupSamples = 12
@@ -180,7 +181,7 @@ func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 	var trace, trace0 float64
 	for i := 0; i < modelDims; i++ {
 		k := px[i] / denom
-		r.theta[i] = max(r.theta[i]+k*e, 0)
+		r.theta[i] = r.theta[i] + k*e
 		for j := 0; j < modelDims; j++ {
 			r.p[i][j] = (r.p[i][j] - k*px[j]) / lambda
 		}
@@ -291,7 +292,7 @@ func (p *Prior) observe(ttft, tpot float64) {
 }
 
 func ttftFeatures(s LoadState, promptTokens int) [ttftDims]float64 {
-	return [ttftDims]float64{1, s.Pending, s.PendingTokens / 1000, float64(promptTokens) / 1000, s.KV}
+	return [ttftDims]float64{1, s.Pending, s.PendingTokens / 1000, float64(promptTokens) / 1000, s.KV, s.Running}
 }
 
 func tpotFeatures(s LoadState) [tpotDims]float64 { return [tpotDims]float64{1, s.Running} }
@@ -360,13 +361,13 @@ func (m *Model) Score(s LoadState, promptTokens int, outputTokens, ttftFactor fl
 	q := query(s, promptTokens, ttftFactor, outputTokens)
 	var ttft, tpot float64
 	for i := 0; i < ttftDims; i++ {
-		ttft += f.theta[i] * q[i]
+		ttft += predictCoef(f, i) * q[i]
 	}
 	if ttftFactor != 0 {
 		ttft /= ttftFactor
 	}
 	for i := ttftDims; i < modelDims; i++ {
-		tpot += f.theta[i] * q[i]
+		tpot += predictCoef(f, i) * q[i]
 	}
 	if outputTokens != 0 {
 		tpot /= outputTokens
@@ -386,6 +387,17 @@ func (m *Model) Score(s LoadState, promptTokens int, outputTokens, ttftFactor fl
 		sd = w*sd + (1-w)*priorMean
 	}
 	return mean, sd
+}
+
+// predictCoef is coefficient i as predictions use it: load slopes are
+// never negative there (more load never makes a backend faster), while the
+// fit itself stays unconstrained — clamping inside the recursion breaks
+// its covariance bookkeeping and drags the other coefficients off.
+func predictCoef(f *fit, i int) float64 {
+	if i == 0 || i == ttftDims {
+		return f.theta[i]
+	}
+	return max(f.theta[i], 0)
 }
 
 // Optimistic is the score a policy ranks by: the prediction less one
@@ -464,13 +476,14 @@ type ModelStats struct {
 	MAPEWindow int64   `json:"mape_window"`
 	// Learned coefficients: seconds, seconds per pending request, seconds
 	// per 1000 pending prompt tokens, seconds per 1000 prompt tokens,
-	// seconds at a full KV cache; time per output token and its growth per
-	// running request.
+	// seconds at a full KV cache, seconds per running request; time per
+	// output token and its growth per running request.
 	TTFTBase              float64 `json:"ttft_base_s"`
 	TTFTPerPending        float64 `json:"ttft_per_pending_s"`
 	TTFTPerPendingKTokens float64 `json:"ttft_per_pending_ktokens_s"`
 	TTFTPerKPrompt        float64 `json:"ttft_per_prompt_ktokens_s"`
 	TTFTPerKVUsage        float64 `json:"ttft_per_kv_usage_s"`
+	TTFTPerRunning        float64 `json:"ttft_per_running_s"`
 	TPOTBase              float64 `json:"tpot_base_s"`
 	TPOTPerRunning        float64 `json:"tpot_per_running_s"`
 	// LastObserved is when the model last learned from a request.
@@ -485,8 +498,8 @@ func (m *Model) Stats() ModelStats {
 		MAPEWindow: m.errCount.Load(),
 	}
 	if f := m.published.Load(); f != nil {
-		st.TTFTBase, st.TTFTPerPending, st.TTFTPerPendingKTokens, st.TTFTPerKPrompt, st.TTFTPerKVUsage =
-			f.theta[0], f.theta[1], f.theta[2], f.theta[3], f.theta[4]
+		st.TTFTBase, st.TTFTPerPending, st.TTFTPerPendingKTokens, st.TTFTPerKPrompt, st.TTFTPerKVUsage, st.TTFTPerRunning =
+			f.theta[0], f.theta[1], f.theta[2], f.theta[3], f.theta[4], f.theta[5]
 		st.TPOTBase, st.TPOTPerRunning = f.theta[ttftDims], f.theta[ttftDims+1]
 	}
 	if t := m.lastSeen.Load(); t > 0 {

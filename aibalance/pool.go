@@ -2,6 +2,7 @@ package aibalance
 
 import (
 	"net/http"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,6 +23,36 @@ type Pool struct {
 	prior   Prior
 	weights atomic.Pointer[map[string]float64]
 	last    atomic.Int64 // index+1 in the handler's upstream list of the previous winner
+	members sync.Map     // addr → struct{}: the upstreams the pool has routed to or was configured with
+}
+
+// AddMember records that addr belongs to the pool.
+func (p *Pool) AddMember(addr string) {
+	if _, ok := p.members.Load(addr); !ok {
+		p.members.Store(addr, struct{}{})
+	}
+}
+
+// Members returns the pool's upstream addresses, sorted.
+func (p *Pool) Members() []string {
+	var out []string
+	p.members.Range(func(k, _ any) bool {
+		out = append(out, k.(string))
+		return true
+	})
+	sort.Strings(out)
+	return out
+}
+
+// AllPools returns every pool a config holds, sorted by key.
+func AllPools() []*Pool {
+	var out []*Pool
+	pools.Range(func(_, v any) bool {
+		out = append(out, v.(*Pool))
+		return true
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].key < out[j].key })
+	return out
 }
 
 var pools = caddy.NewUsagePool()

@@ -160,7 +160,7 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		mean, sd := b.Model().Score(s, f.PromptTokens, out, factor, prior, now)
 		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
 	}
-	c := candidates{weight: p.pool.Weight, tried: aibalance.RequestTried(r), cooling: p.cooling(now)}
+	c := candidates{pool: p.pool, weight: p.pool.Weight, tried: aibalance.RequestTried(r), cooling: p.cooling(now)}
 	if p.ChooseAll || len(pool) <= p.Choose {
 		return c.pick(pool, score, nil, 0)
 	}
@@ -278,7 +278,7 @@ func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Re
 	p.app.Features(r) // read where the loop's own request is seen, for the transport
 	aibalance.SetRequestPool(r, p.pool)
 	now := time.Now()
-	c := candidates{weight: p.pool.Weight, tried: aibalance.RequestTried(r), cooling: func(u *reverseproxy.Upstream) bool {
+	c := candidates{pool: p.pool, weight: p.pool.Weight, tried: aibalance.RequestTried(r), cooling: func(u *reverseproxy.Upstream) bool {
 		return p.set.Get(u.Dial).CoolingDown(now)
 	}}
 	return c.pick(pool, func(u *reverseproxy.Upstream) float64 {
@@ -376,6 +376,7 @@ func provisionStore(ctx caddy.Context, set *aibalance.BackendSet, weights []int)
 	pool := aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
 	byAddr := map[string]float64{}
 	for i, addr := range addrs {
+		pool.AddMember(addr)
 		if i < len(weights) {
 			byAddr[addr] = float64(weights[i])
 		}
@@ -406,6 +407,7 @@ func positionalWeight(weights []int, pool reverseproxy.UpstreamPool, addr string
 // for a pause, while another is eligible; and when none is, the request
 // still goes somewhere rather than nowhere.
 type candidates struct {
+	pool    *aibalance.Pool // nil: no pool to record members in
 	weight  func(addr string) float64
 	tried   *aibalance.Tried
 	cooling func(*reverseproxy.Upstream) bool // nil: no cooldowns known
@@ -425,7 +427,8 @@ func (c *candidates) ok(level int, u *reverseproxy.Upstream) bool {
 }
 
 // pick returns the eligible upstream with the lowest score, choosing
-// uniformly among equal scores, and records it as tried. With k > 0 it
+// uniformly among equal scores, and records it as tried (and, for dynamic
+// upstreams, as a member of the pool). With k > 0 it
 // compares k random eligible upstreams plus the previous winner (memory),
 // else all of them.
 func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reverseproxy.Upstream) float64, memory *atomic.Int64, k int) *reverseproxy.Upstream {
@@ -438,6 +441,9 @@ func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reversepro
 		}
 		if best != nil {
 			c.tried.Add(best.Dial)
+			if c.pool != nil {
+				c.pool.AddMember(best.Dial)
+			}
 			return best
 		}
 	}

@@ -131,6 +131,7 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 	// scrapes share the proxy's connection settings and TLS
 	t.client = &http.Client{Transport: t.HTTPTransport.Transport}
 	for _, addr := range aibalance.HandlerUpstreams(ctx) {
+		t.pool.AddMember(addr)
 		t.scrapeOnce(addr)
 	}
 	return nil
@@ -197,6 +198,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	pool := aibalance.RequestPool(req)
 	if pool == nil {
 		pool = t.pool
+		pool.AddMember(di.Upstream.Dial)
 	}
 	start := t.clock()
 	att := b.Begin(f, pool.Prior(), start)

@@ -1,0 +1,228 @@
+package aibalance
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+func init() {
+	caddy.RegisterModule(adminAPI{})
+}
+
+// adminAPI serves the balancer's view of its upstreams on Caddy's admin
+// endpoint, so Caddy's admin access controls apply:
+//
+//	GET /aibalance/upstreams            every upstream and pool
+//	GET /aibalance/upstreams/{address}  one upstream
+//
+// It reads the process-wide store; it holds no state of its own (Caddy
+// rebuilds admin modules on every config load).
+type adminAPI struct{}
+
+// CaddyModule returns the Caddy module information.
+func (adminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.aibalance",
+		New: func() caddy.Module { return adminAPI{} },
+	}
+}
+
+// Routes returns the admin routes.
+func (a adminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{
+		{Pattern: "/aibalance/upstreams", Handler: caddy.AdminHandlerFunc(a.handleList)},
+		{Pattern: "/aibalance/upstreams/", Handler: caddy.AdminHandlerFunc(a.handleOne)},
+	}
+}
+
+// UpstreamsView is the answer of GET /aibalance/upstreams.
+type UpstreamsView struct {
+	Upstreams []UpstreamView `json:"upstreams"`
+	Pools     []PoolView     `json:"pools"`
+}
+
+// PoolView describes one pool: its members and its cold-start prior.
+type PoolView struct {
+	Key         string   `json:"key"`
+	Members     []string `json:"members"`
+	PriorTTFT   float64  `json:"prior_ttft_s"`
+	PriorTPOT   float64  `json:"prior_tpot_s"`
+	RecentTotal float64  `json:"recent_requests_per_s"`
+}
+
+// UpstreamView is the balancer's view of one upstream.
+type UpstreamView struct {
+	Address string `json:"address"`
+	// State is what the balancer does with the upstream now: active, or
+	// cooldown (it answered 429/503 with Retry-After). Reason says why,
+	// Until when it ends.
+	State  string    `json:"state"`
+	Reason string    `json:"reason,omitempty"`
+	Until  time.Time `json:"until,omitzero"`
+	// Load is the model's input now: the balancer's counts, with the
+	// engine's own figures where they are fresh.
+	Load LoadView `json:"load"`
+	// Engine is the last scrape of the engine's metrics, with its age.
+	Engine *EngineView `json:"engine,omitempty"`
+	// Predicted is what the model predicts now for a reference request
+	// (500 prompt tokens, 200 output tokens) on this upstream.
+	Predicted PredictionView `json:"predicted"`
+	// FailureRate is the recent share of attempts that failed through the
+	// upstream's fault (decays over about 20 s).
+	FailureRate float64 `json:"failure_rate"`
+	// RecentRate is requests per second sent to the upstream over the last
+	// ten seconds; RecentShare is its part of its pool's.
+	RecentRate  float64      `json:"recent_requests_per_s"`
+	RecentShare float64      `json:"recent_share"`
+	Counters    BackendStats `json:"counters"`
+}
+
+// LoadView is an upstream's load as the model sees it.
+type LoadView struct {
+	Inflight       float64 `json:"inflight"`
+	InflightTokens float64 `json:"inflight_tokens"`
+	Pending        float64 `json:"pending"`
+	Running        float64 `json:"running"`
+	PendingAge     float64 `json:"pending_age_s"`
+	QueueWait      float64 `json:"queue_wait_s"`
+	KV             float64 `json:"kv_usage"`
+}
+
+// EngineView is an engine's last scraped metrics.
+type EngineView struct {
+	Engine  string   `json:"engine"`
+	Waiting *float64 `json:"waiting,omitempty"`
+	Running *float64 `json:"running,omitempty"`
+	KVUsage *float64 `json:"kv_usage,omitempty"`
+	Age     float64  `json:"age_s"`
+	Fresh   bool     `json:"fresh"`
+}
+
+// PredictionView is a prediction in seconds.
+type PredictionView struct {
+	TTFT float64 `json:"ttft_s"`
+	TPOT float64 `json:"tpot_s"`
+	E2E  float64 `json:"e2e_s"`
+}
+
+// View returns the balancer's view of every upstream and pool at now.
+func View(now time.Time) UpstreamsView {
+	v := UpstreamsView{Upstreams: []UpstreamView{}, Pools: []PoolView{}}
+	poolOf := map[string]*Pool{}
+	poolRate := map[*Pool]float64{}
+	for _, p := range AllPools() {
+		pv := PoolView{Key: p.key, Members: p.Members()}
+		pv.PriorTTFT, pv.PriorTPOT = p.prior.values()
+		for _, m := range pv.Members {
+			if _, ok := poolOf[m]; !ok {
+				poolOf[m] = p
+			}
+			if b, ok := LookupBackend(m); ok {
+				pv.RecentTotal += b.RecentRate(now)
+			}
+		}
+		poolRate[p] = pv.RecentTotal
+		if pv.Members == nil {
+			pv.Members = []string{}
+		}
+		v.Pools = append(v.Pools, pv)
+	}
+	for _, b := range AllBackends() {
+		var prior *Prior
+		p := poolOf[b.addr]
+		if p != nil {
+			prior = &p.prior
+		} else {
+			prior = new(Prior)
+		}
+		u := b.view(now, prior)
+		if p != nil && poolRate[p] > 0 {
+			u.RecentShare = u.RecentRate / poolRate[p]
+		}
+		v.Upstreams = append(v.Upstreams, u)
+	}
+	return v
+}
+
+func (b *Backend) view(now time.Time, prior *Prior) UpstreamView {
+	s := b.State(now)
+	u := UpstreamView{
+		Address:     b.addr,
+		State:       "active",
+		FailureRate: b.FailureRate(now),
+		RecentRate:  b.RecentRate(now),
+		Counters:    b.Stats(),
+		Load: LoadView{
+			Inflight: s.Inflight, InflightTokens: s.InflightTokens, Pending: s.Pending, Running: s.Running,
+			PendingAge: s.PendingAge, QueueWait: s.QueueWait, KV: s.KV,
+		},
+	}
+	if b.CoolingDown(now) {
+		u.State, u.Reason, u.Until = "cooldown", "answered 429/503 with Retry-After", b.Cooldown()
+	}
+	if m, fresh := b.Engine(now); !m.At.IsZero() {
+		e := &EngineView{Engine: m.Engine, Age: now.Sub(m.At).Seconds(), Fresh: fresh}
+		if m.HasWaiting {
+			e.Waiting = &m.Waiting
+		}
+		if m.HasRunning {
+			e.Running = &m.Running
+		}
+		if m.HasKV {
+			e.KVUsage = &m.KVUsage
+		}
+		u.Engine = e
+	}
+	pr := b.model.Predict(s, 500, 200, prior, now)
+	u.Predicted = PredictionView{TTFT: finite(pr.TTFT.Seconds()), TPOT: finite(pr.TPOT.Seconds()), E2E: finite(pr.E2E.Seconds())}
+	u.Counters.Model.MAPE = finite(u.Counters.Model.MAPE)
+	return u
+}
+
+// finite keeps JSON encodable: NaN and ±Inf have no JSON form.
+func finite(f float64) float64 {
+	if math.IsNaN(f) || math.IsInf(f, 0) {
+		return -1
+	}
+	return f
+}
+
+func (adminAPI) handleList(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET", r.Method)}
+	}
+	return writeJSON(w, View(time.Now()))
+}
+
+func (adminAPI) handleOne(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET", r.Method)}
+	}
+	addr, err := url.PathUnescape(strings.TrimPrefix(r.URL.Path, "/aibalance/upstreams/"))
+	if err != nil || addr == "" || strings.Contains(addr, "/") {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("want /aibalance/upstreams/<host:port>, got %q", r.URL.Path)}
+	}
+	for _, u := range View(time.Now()).Upstreams {
+		if u.Address == addr {
+			return writeJSON(w, u)
+		}
+	}
+	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no upstream %q in any loaded config", addr)}
+}
+
+func writeJSON(w http.ResponseWriter, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// Interface guards
+var _ caddy.AdminRouter = adminAPI{}
