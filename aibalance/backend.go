@@ -20,9 +20,10 @@ type Backend struct {
 	pending        atomic.Int64  // streams in flight without a first token yet
 	pendingTokens  atomic.Int64  // their prompt tokens
 	pendingSince   atomic.Int64  // sum of their start times, µs since epoch (mean age = now - sum/pending)
-	maxRunning     atomic.Int64  // most requests seen past their first token at once (for people; not a model input)
+	maxRunning     atomic.Int64  // most requests seen past their first token at once: the batch seen so far (see LoadState.Beyond)
 	slots          atomic.Int64  // the engine's batch capacity, as its metrics showed it saturated (see learnSlots); 0: unknown
-	fullAt         atomic.Int64  // the running count of the last scrape that showed a queue
+	fullAt         atomic.Int64  // the running count of the last scrapes that showed a queue
+	fullCount      atomic.Int64  // how many scrapes in a row showed it
 	e2eEWMA        atomic.Uint64 // float64 seconds: recent completion time of successful LLM requests
 
 	requests     atomic.Uint64 // attempts finished, any outcome
@@ -70,11 +71,12 @@ func (b *Backend) Inflight() (requests, tokens int64) {
 	return b.inflight.Load(), b.inflightTokens.Load()
 }
 
-// State is the backend's load at now, as a model input. The engine's own
-// metrics, when fresh, take precedence over the balancer's counts: they
-// include what other Caddy instances and clients sent, and the engine's
-// queue is the truth the balancer only estimates. Requests sent since the
-// last scrape are not in them, so the larger of the two counts is used.
+// State is the backend's load at now, as a model input: the balancer's own
+// requests, counted live, plus what the engine's fresh metrics show beyond
+// them — other Caddy instances' and clients' queue and batch, which a
+// balancer cannot see otherwise — and the engine's KV cache use. (The
+// engine's own counts are up to a scrape interval old; a queue that drains
+// in milliseconds must not look like one that lasts a second.)
 func (b *Backend) State(now time.Time) LoadState {
 	s := LoadState{
 		Inflight:       float64(b.inflight.Load()),
@@ -89,31 +91,22 @@ func (b *Backend) State(now time.Time) LoadState {
 		s.PendingAge = max(float64(sinceEpoch(now)-since/n)/1e6, 0)
 	}
 	s.Running = max(s.Inflight-s.Pending, 0)
-	if m, fresh := b.Engine(now); fresh {
-		if m.HasWaiting {
-			s.Pending = max(s.Pending, m.Waiting)
-		}
-		if m.HasRunning {
-			s.Running = max(s.Running, m.Running)
-		}
-		if m.HasKV {
-			s.KV = min(max(m.KVUsage, 0), 1)
-		}
-		s.Inflight = max(s.Inflight, s.Pending+s.Running)
-		// the engine's queue drains as running requests finish: about
-		// slots/E2E of them per second. A request beyond a batch the
-		// engine has shown full waits its turn too.
-		e2e := math.Float64frombits(b.e2eEWMA.Load())
-		slots := float64(b.slots.Load())
-		ahead := 0.0
-		if m.HasWaiting {
-			ahead = m.Waiting
-		}
-		if slots > 0 {
-			ahead = max(ahead, s.Inflight+1-slots)
-		}
-		if e2e > 0 && ahead > 0 {
-			s.QueueWait = ahead * e2e / max(slots, s.Running, 1)
+	if waiting, running, kv, ok := b.external(now); ok {
+		s.Pending += waiting
+		s.Running += running
+		s.KV = kv
+		s.Inflight += waiting + running
+	}
+	if seen := float64(b.maxRunning.Load()); seen > 0 {
+		s.Beyond = max(s.Inflight+1-seen, 0)
+	}
+	// A request beyond a batch the engine has shown full waits for a
+	// slot: running requests finish at about slots/E2E per second.
+	if slots := float64(b.slots.Load()); slots > 0 {
+		if ahead := s.Inflight + 1 - slots; ahead > 0 {
+			if e2e := math.Float64frombits(b.e2eEWMA.Load()); e2e > 0 {
+				s.QueueWait = ahead * e2e / slots
+			}
 		}
 	}
 	return s

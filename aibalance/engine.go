@@ -34,6 +34,11 @@ type engineSample struct {
 	m        EngineMetrics
 	maxAge   time.Duration
 	received time.Time
+	// what this balancer itself had at the backend when the sample came:
+	// the rest of the engine's load is other clients' (other Caddy
+	// instances, direct users), which persists between scrapes, while our
+	// own is counted live
+	ownPending, ownRunning float64
 }
 
 // SetEngine publishes fresh engine metrics for the backend. maxAge is how
@@ -42,28 +47,60 @@ func (b *Backend) SetEngine(m EngineMetrics, maxAge time.Duration) {
 	if m.At.IsZero() {
 		m.At = time.Now()
 	}
-	b.engine.latest.Store(&engineSample{m: m, maxAge: maxAge, received: m.At})
+	pending := float64(b.pending.Load())
+	running := max(float64(b.inflight.Load())-pending, 0)
+	b.engine.latest.Store(&engineSample{m: m, maxAge: maxAge, received: m.At, ownPending: pending, ownRunning: running})
 	b.learnSlots(m)
 }
 
+// external returns the part of a fresh engine sample that is not this
+// balancer's own requests: other clients' queue and batch.
+func (b *Backend) external(now time.Time) (waiting, running, kv float64, ok bool) {
+	s := b.engine.latest.Load()
+	if s == nil {
+		return 0, 0, 0, false
+	}
+	if _, fresh := b.Engine(now); !fresh {
+		return 0, 0, 0, false
+	}
+	if s.m.HasWaiting {
+		// an engine's waiting count includes requests of ours between
+		// arrival and the scheduler's next step: ours are counted live
+		waiting = max(s.m.Waiting-s.ownPending, 0)
+	}
+	if s.m.HasRunning {
+		running = max(s.m.Running-s.ownRunning, 0)
+	}
+	if s.m.HasKV {
+		kv = min(max(s.m.KVUsage, 0), 1)
+	}
+	return waiting, running, kv, true
+}
+
 // learnSlots learns the engine's batch capacity from what it reports: a
-// batch of R running with requests still waiting, seen on two scrapes in a
-// row, means the engine is full at R (a single sample may catch requests
-// between arrival and the scheduler's next step); R running with nothing
-// waiting means it holds at least R. Only saturation the engine reported
-// lowers the estimate: what was not observed is not assumed full.
+// batch of R running with requests still waiting, on fullScrapes scrapes
+// in a row at the same R, means the engine is full at R (one sample often
+// catches requests between their arrival and the scheduler's next step);
+// R running with nothing waiting means it holds at least R. Only
+// saturation the engine reported lowers the estimate: what was not
+// observed is not assumed full.
 func (b *Backend) learnSlots(m EngineMetrics) {
 	if !m.HasWaiting || !m.HasRunning || m.Running < 1 {
 		return
 	}
 	r := int64(m.Running)
 	if m.Waiting > 0 {
-		if b.fullAt.Swap(r) == r || b.slots.Load() == 0 {
+		if b.fullAt.Load() != r {
+			b.fullAt.Store(r)
+			b.fullCount.Store(0)
+		}
+		if b.fullCount.Add(1) >= fullScrapes {
 			b.slots.Store(r)
 		}
 		return
 	}
 	b.fullAt.Store(0)
+	b.fullCount.Store(0)
 	for {
 		cur := b.slots.Load()
 		if cur == 0 || r <= cur || b.slots.CompareAndSwap(cur, r) {
@@ -71,6 +108,10 @@ func (b *Backend) learnSlots(m EngineMetrics) {
 		}
 	}
 }
+
+// fullScrapes is how many scrapes in a row must show a queue behind the
+// same batch before the batch counts as full.
+const fullScrapes = 3
 
 // Slots is the engine's batch capacity as far as its metrics showed it
 // saturated; 0 when unknown.

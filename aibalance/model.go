@@ -11,14 +11,21 @@ import (
 // recursive least squares (RLS) with exponential forgetting, over the
 // coefficients of two equations that share it:
 //
-//	TTFT = queueing + a0 + a1·pending + a2·pendingKTokens + a3·promptKTokens + a4·kvUsage + a5·running
+//	TTFT = queueing + a0 + a1·pending + a2·pendingKTokens + a3·promptKTokens + a4·kvUsage + a5·running + a6·beyond
 //	TPOT = b0 + b1·running
 //
 // "pending" are the requests in flight at the backend that have not had
 // their first token yet (queued in the engine or in prefill), and their
 // prompt tokens; "running" is the decode batch, which sets the time per
 // output token, and slows the prefill steps a new request shares with it;
-// kvUsage is the engine's KV cache use when it reports one.
+// kvUsage is the engine's KV cache use when it reports one; "beyond" is how
+// far the load with this request goes past the largest batch the balancer
+// has seen the backend run: an engine's batch has a limit (vLLM's
+// max_num_seqs, its KV blocks) past which a request waits for a slot, a
+// knee no linear term in the load can fit. Its coefficient is learned like
+// the others: a backend that is not full there teaches a6 ≈ 0, and until
+// then the term is uncertain, so the optimism below still sends traffic
+// past the batch seen so far and the largest batch seen keeps growing.
 // When the engine's own metrics are fresh they take precedence over the
 // balancer's counts (see Backend.State). queueing is observed, not fitted:
 // how long pending requests have waited so far, or the engine's reported
@@ -68,13 +75,13 @@ import (
 //     judged slow is explored again instead of starved forever.
 //   - outliers: scaled residuals are clipped at clipSigmas (Huber-style).
 //   - windup: with forgetting and little variation in the inputs the
-//     covariance grows without bound; its trace is capped.
-//   - slopes are read as non-negative when predicting (more load never
-//     makes a backend faster) and a prediction is floored at a twentieth
-//     of the pool's idle TTFT and TPOT; the fit itself is unconstrained.
+//     covariance grows without bound; each coefficient's variance is
+//     capped at its starting value.
+//   - the fit is unconstrained (see predictCoef); a prediction is floored
+//     at a twentieth of the pool's idle TTFT and TPOT.
 
 const (
-	ttftDims      = 6
+	ttftDims      = 7
 	tpotDims      = 2
 	modelDims     = ttftDims + tpotDims
 	warmupSamples = 12
@@ -97,6 +104,7 @@ type LoadState struct {
 	QueueWait      float64 // the engine's reported queue, drained at its recent completion rate, in seconds
 	Running        float64 // the decode batch
 	KV             float64 // the engine's KV cache use, 0..1; 0 when unknown
+	Beyond         float64 // how far Inflight+1 exceeds the largest batch seen running
 }
 
 // Observation is one finished attempt, as the transport measured it.
@@ -124,6 +132,7 @@ type rls struct {
 	p     [modelDims][modelDims]float64
 	p0    [modelDims]float64 // initial diagonal, for the windup cap
 	scale [eqKinds]float64   // running mean absolute residual per equation kind
+	ymag  [eqKinds]float64   // running mean absolute target per equation kind
 }
 
 func newRLS(pTTFT, pTPOT float64) rls {
@@ -157,10 +166,15 @@ func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 	if r.scale[kind] == 0 {
 		// the first residual sets the scale, so a prior far from the
 		// truth is corrected at once instead of clipped
-		r.scale[kind] = max(math.Abs(e), math.Abs(y)/2) + 1e-6
+		r.scale[kind] = max(math.Abs(e), math.Abs(y)/2) + 1e-9
+		r.ymag[kind] = math.Abs(y) + 1e-9
 	}
+	r.ymag[kind] = 0.95*r.ymag[kind] + 0.05*math.Abs(y)
 	s := r.scale[kind]
-	r.scale[kind] = 0.95*s + 0.05*min(math.Abs(e), clipSigmas*s)
+	// a fit that has become exact would shrink the scale toward zero and
+	// blow the scaled inputs up past float precision: the noise is taken
+	// to be at least 1% of the targets
+	r.scale[kind] = max(0.95*s+0.05*min(math.Abs(e), clipSigmas*s), 0.01*r.ymag[kind])
 	// weighted least squares: scale the equation by its noise
 	for i := range x {
 		x[i] /= s
@@ -178,21 +192,23 @@ func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 	if denom <= 0 || math.IsNaN(denom) || math.IsInf(denom, 0) {
 		return
 	}
-	var trace, trace0 float64
 	for i := 0; i < modelDims; i++ {
 		k := px[i] / denom
-		r.theta[i] = r.theta[i] + k*e
+		r.theta[i] += k * e
 		for j := 0; j < modelDims; j++ {
 			r.p[i][j] = (r.p[i][j] - k*px[j]) / lambda
 		}
-		trace += r.p[i][i]
-		trace0 += r.p0[i]
 	}
-	if trace > 4*trace0 {
-		f := 4 * trace0 / trace
-		for i := 0; i < modelDims; i++ {
+	// windup: forgetting inflates the variance of coefficients the data
+	// do not excite (a KV input an engine never reports); no coefficient
+	// may grow more uncertain than it was at the start. Scaling row and
+	// column i together keeps P symmetric positive definite.
+	for i := 0; i < modelDims; i++ {
+		if r.p[i][i] > r.p0[i] {
+			f := math.Sqrt(r.p0[i] / r.p[i][i])
 			for j := 0; j < modelDims; j++ {
 				r.p[i][j] *= f
+				r.p[j][i] *= f
 			}
 		}
 	}
@@ -292,7 +308,7 @@ func (p *Prior) observe(ttft, tpot float64) {
 }
 
 func ttftFeatures(s LoadState, promptTokens int) [ttftDims]float64 {
-	return [ttftDims]float64{1, s.Pending, s.PendingTokens / 1000, float64(promptTokens) / 1000, s.KV, s.Running}
+	return [ttftDims]float64{1, s.Pending, s.PendingTokens / 1000, float64(promptTokens) / 1000, s.KV, s.Running, s.Beyond}
 }
 
 func tpotFeatures(s LoadState) [tpotDims]float64 { return [tpotDims]float64{1, s.Running} }
@@ -389,16 +405,14 @@ func (m *Model) Score(s LoadState, promptTokens int, outputTokens, ttftFactor fl
 	return mean, sd
 }
 
-// predictCoef is coefficient i as predictions use it: load slopes are
-// never negative there (more load never makes a backend faster), while the
-// fit itself stays unconstrained — clamping inside the recursion breaks
-// its covariance bookkeeping and drags the other coefficients off.
-func predictCoef(f *fit, i int) float64 {
-	if i == 0 || i == ttftDims {
-		return f.theta[i]
-	}
-	return max(f.theta[i], 0)
-}
+// predictCoef is coefficient i as predictions use it: the fit's own. It is
+// unconstrained: clamping coefficients (in the recursion or when
+// predicting) breaks the least-squares bookkeeping and, with correlated
+// inputs (pending requests and their tokens), drags the others off. An
+// error that makes a backend look faster attracts traffic and is corrected
+// by what that traffic teaches; one that makes it look slower is what the
+// optimism below is for.
+func predictCoef(f *fit, i int) float64 { return f.theta[i] }
 
 // Optimistic is the score a policy ranks by: the prediction less one
 // standard deviation, never below (1-maxOptimism) of the prediction.
@@ -484,6 +498,7 @@ type ModelStats struct {
 	TTFTPerKPrompt        float64 `json:"ttft_per_prompt_ktokens_s"`
 	TTFTPerKVUsage        float64 `json:"ttft_per_kv_usage_s"`
 	TTFTPerRunning        float64 `json:"ttft_per_running_s"`
+	TTFTPerBeyond         float64 `json:"ttft_per_beyond_batch_s"`
 	TPOTBase              float64 `json:"tpot_base_s"`
 	TPOTPerRunning        float64 `json:"tpot_per_running_s"`
 	// LastObserved is when the model last learned from a request.
@@ -500,6 +515,7 @@ func (m *Model) Stats() ModelStats {
 	if f := m.published.Load(); f != nil {
 		st.TTFTBase, st.TTFTPerPending, st.TTFTPerPendingKTokens, st.TTFTPerKPrompt, st.TTFTPerKVUsage, st.TTFTPerRunning =
 			f.theta[0], f.theta[1], f.theta[2], f.theta[3], f.theta[4], f.theta[5]
+		st.TTFTPerBeyond = f.theta[6]
 		st.TPOTBase, st.TPOTPerRunning = f.theta[ttftDims], f.theta[ttftDims+1]
 	}
 	if t := m.lastSeen.Load(); t > 0 {
