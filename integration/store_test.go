@@ -21,11 +21,26 @@ func waitFor(t *testing.T, cond func() bool) {
 	t.Fatal("condition not met in 10s")
 }
 
-// healthChecked waits several health-check intervals.
-func healthChecked(*llmsim.Pool) bool {
-	time.Sleep(200 * time.Millisecond)
-	return true
+// healthChecked reports whether every engine of p has answered at least
+// two active health checks since the last call (so Caddy has seen the
+// state each one is in now).
+func healthChecked(p *llmsim.Pool) bool {
+	ok := true
+	for _, s := range p.Servers {
+		n := s.Stats().HealthProbes
+		if n-lastProbes[s] < 2 {
+			ok = false
+		}
+	}
+	if ok {
+		for _, s := range p.Servers {
+			lastProbes[s] = s.Stats().HealthProbes
+		}
+	}
+	return ok
 }
+
+var lastProbes = map[*llmsim.Server]int64{}
 
 // TestStoreLifecycle: two handlers share one entry per address; a reload
 // keeps the entry and its counters; unloading the last user releases it.
@@ -74,3 +89,5 @@ http://127.0.0.1:%d {
 		t.Fatal("entry kept after no config uses the address")
 	}
 }
+
+func timeNow() time.Time { return time.Now() }

@@ -55,6 +55,7 @@ func openAIError(w http.ResponseWriter, status int, typ, msg string) {
 }
 
 func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
+	s.stats.healthProbes.Add(1)
 	if s.startingUp() {
 		http.Error(w, "starting up", http.StatusServiceUnavailable)
 		return

@@ -148,12 +148,14 @@ type Stats struct {
 	PromptTokens int64 // prompt tokens of admitted requests
 	CachedTokens int64 // of which found in the prefix cache
 	OutputTokens int64 // tokens generated
+	HealthProbes int64 // GET /health requests answered
 	Running      int   // sequences in the batch now
 	Waiting      int   // sequences queued now
 }
 
 type counters struct {
 	requests, completed, errors, rejected, badRequests, cut, hung atomic.Int64
+	healthProbes                                                  atomic.Int64
 	queryTokens, cachedTokens, outputTokens                       atomic.Int64
 }
 
@@ -302,6 +304,7 @@ func (s *Server) Stats() Stats {
 		PromptTokens: s.stats.queryTokens.Load(),
 		CachedTokens: s.stats.cachedTokens.Load(),
 		OutputTokens: s.stats.outputTokens.Load(),
+		HealthProbes: s.stats.healthProbes.Load(),
 		Running:      running,
 		Waiting:      waiting,
 	}
