@@ -9,9 +9,11 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
@@ -133,7 +135,7 @@ func run(ctx context.Context, o options) (map[string]int, error) {
 		if o.live && lines > 0 && !final {
 			fmt.Fprintf(o.out, "\033[%dA", lines)
 		}
-		lines = render(o.out, pool, o.speeds, failed, o.live)
+		lines = render(o.out, pool, o.speeds, failed, o.live, adminView(o.admin))
 	}
 loop:
 	for {
@@ -160,10 +162,30 @@ loop:
 	return out, nil
 }
 
+// adminView reads the balancer's view of its upstreams from Caddy's admin
+// API, as any operator's tool would; nil when it cannot.
+func adminView(admin string) map[string]aibalance.UpstreamView {
+	client := &http.Client{Timeout: 2 * time.Second}
+	res, err := client.Get("http://" + admin + "/aibalance/upstreams")
+	if err != nil {
+		return nil
+	}
+	defer res.Body.Close()
+	var v aibalance.UpstreamsView
+	if res.StatusCode != http.StatusOK || json.NewDecoder(res.Body).Decode(&v) != nil {
+		return nil
+	}
+	out := map[string]aibalance.UpstreamView{}
+	for _, u := range v.Upstreams {
+		out[u.Address] = u
+	}
+	return out
+}
+
 // render writes the distribution table and returns how many lines it wrote.
-// Shares are what each engine completed; in-flight, latency and the learned
-// speed come from the balancer's own store.
-func render(out io.Writer, pool *llmsim.Pool, speeds []float64, failed int, live bool) int {
+// Shares are what each engine completed; in-flight, latency, the learned
+// speed and the engine's own queue come from the admin API.
+func render(out io.Writer, pool *llmsim.Pool, speeds []float64, failed int, live bool, view map[string]aibalance.UpstreamView) int {
 	eol := "\n"
 	if live {
 		eol = "\033[K\n" // clear the rest of a redrawn line
@@ -181,21 +203,23 @@ func render(out io.Writer, pool *llmsim.Pool, speeds []float64, failed int, live
 		if total > 0 {
 			share = float64(done[i]) / float64(total)
 		}
-		var inflight int64
-		latency, learned := "-", "learning"
-		if be, ok := aibalance.LookupBackend(s.Addr()); ok {
-			st := be.Stats()
-			inflight = st.Inflight
-			if st.MeanE2E > 0 {
-				latency = st.MeanE2E.Round(time.Millisecond).String()
+		var inflight float64
+		latency, learned, engine := "-", "learning", ""
+		if u, ok := view[s.Addr()]; ok {
+			inflight = u.Load.Inflight
+			if u.Counters.MeanE2E > 0 {
+				latency = u.Counters.MeanE2E.Round(time.Millisecond).String()
 			}
-			if ms := st.Model; ms.Samples > 0 && ms.TPOTBase > 0 {
+			if ms := u.Counters.Model; ms.Samples > 0 && ms.TPOTBase > 0 {
 				learned = fmt.Sprintf("%.0f tok/s (prediction error %.0f%%)", 1/ms.TPOTBase, 100*ms.MAPE)
+			}
+			if e := u.Engine; e != nil && e.Fresh && e.Waiting != nil && e.Running != nil {
+				engine = fmt.Sprintf("  engine: %.0f running, %.0f waiting", *e.Running, *e.Waiting)
 			}
 		}
 		bar := strings.Repeat("█", int(share*30+0.5))
-		fmt.Fprintf(&b, "Server %d  speed %.1f×  %5.1f%% %-30s  in-flight %3d  mean latency %7s  learned %s%s",
-			i+1, speeds[i], 100*share, bar, inflight, latency, learned, eol)
+		fmt.Fprintf(&b, "Server %d  speed %.1f×  %5.1f%% %-30s  in-flight %3.0f  mean latency %7s  learned %s%s%s",
+			i+1, speeds[i], 100*share, bar, inflight, latency, learned, engine, eol)
 	}
 	fmt.Fprint(out, b.String())
 	return len(pool.Servers) + 1

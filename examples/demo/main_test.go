@@ -41,7 +41,10 @@ func TestDemoRuns(t *testing.T) {
 	if total < 10 || used < 2 || !strings.Contains(out.String(), "Request Distribution Active") || !strings.Contains(out.String(), "Summary:") {
 		t.Fatalf("distribution %v (%d served by %d servers); want a non-empty distribution over several servers", dist, total, used)
 	}
-	if strings.Contains(out.String(), " 0 failed") == false {
+	if !strings.Contains(out.String(), "engine: ") || !strings.Contains(out.String(), "mean latency") {
+		t.Fatalf("the table lacks what the admin API reports (engine queue, latency):\n%s", out.String())
+	}
+	if !strings.Contains(out.String(), " 0 failed") {
 		t.Fatalf("the demo saw failed requests:\n%s", out.String())
 	}
 }
