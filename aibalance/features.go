@@ -101,6 +101,8 @@ type Features struct {
 	Parsed bool
 	// Truncated is true when the body was longer than the peek.
 	Truncated bool
+	// Tried is the upstreams this request was already sent to (see Tried).
+	Tried Tried
 	// PrefixHashes[i] is the chain hash of the first (i+1) prompt blocks
 	// (at most MaxPrefixBlocks): equal hashes mean equal prefixes.
 	// Deterministic across processes.

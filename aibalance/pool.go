@@ -140,29 +140,15 @@ func RequestPool(r *http.Request) *Pool {
 	return p
 }
 
-// triedVarKey holds the upstreams a request has already been sent to.
-const triedVarKey = "aibalance.tried"
-
 // Tried is the set of upstreams one request was already sent to. A policy
 // is called again for the same request only when an attempt failed, so a
-// retry avoids them while another upstream is eligible. Attempts of one
-// request run one after another; the lock only guards against misuse.
+// retry avoids them while another upstream is eligible. It lives in the
+// request's Features (no allocation for the first few attempts); the
+// attempts of one request run one after another, on one goroutine.
 type Tried struct {
-	mu    sync.Mutex
-	addrs []string
-}
-
-// RequestTried returns r's tried set, creating it (nil without vars).
-func RequestTried(r *http.Request) *Tried {
-	if t, ok := caddyhttp.GetVar(r.Context(), triedVarKey).(*Tried); ok {
-		return t
-	}
-	if r.Context().Value(caddyhttp.VarsCtxKey) == nil {
-		return nil
-	}
-	t := new(Tried)
-	caddyhttp.SetVar(r.Context(), triedVarKey, t)
-	return t
+	n     int
+	addrs [4]string
+	more  []string
 }
 
 // Has reports whether addr was tried. A nil set has nothing.
@@ -170,9 +156,12 @@ func (t *Tried) Has(addr string) bool {
 	if t == nil {
 		return false
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for _, a := range t.addrs {
+	for i := 0; i < min(t.n, len(t.addrs)); i++ {
+		if t.addrs[i] == addr {
+			return true
+		}
+	}
+	for _, a := range t.more {
 		if a == addr {
 			return true
 		}
@@ -185,9 +174,7 @@ func (t *Tried) Len() int {
 	if t == nil {
 		return 0
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.addrs)
+	return t.n
 }
 
 // Add records that addr is being tried.
@@ -195,11 +182,38 @@ func (t *Tried) Add(addr string) {
 	if t == nil {
 		return
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.addrs = append(t.addrs, addr)
+	if t.n < len(t.addrs) {
+		t.addrs[t.n] = addr
+	} else {
+		t.more = append(t.more, addr)
+	}
+	t.n++
 }
+
+// Reset forgets every attempt (for benchmarks that reuse one request).
+func (t *Tried) Reset() { *t = Tried{} }
 
 // NewPool returns a pool outside the process-wide set, for programs and
 // tests that route without a Caddy config.
 func NewPool(key string) *Pool { return &Pool{key: key} }
+
+// triedVarKey holds the tried set of a request whose features no policy
+// read (weighted_least_conn does not need them).
+const triedVarKey = "aibalance.tried"
+
+// RequestTried returns r's tried set: the one in its features when a
+// policy read them, else one kept in its vars (nil without vars).
+func RequestTried(r *http.Request) *Tried {
+	if f := CachedFeatures(r); f != nil {
+		return &f.Tried
+	}
+	if t, ok := caddyhttp.GetVar(r.Context(), triedVarKey).(*Tried); ok {
+		return t
+	}
+	if r.Context().Value(caddyhttp.VarsCtxKey) == nil {
+		return nil
+	}
+	t := new(Tried)
+	caddyhttp.SetVar(r.Context(), triedVarKey, t)
+	return t
+}

@@ -160,7 +160,7 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		mean, sd := b.Model().Score(s, f.PromptTokens, out, factor, prior, now)
 		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
 	}
-	c := candidates{pool: p.pool, weight: p.pool.Weight, tried: aibalance.RequestTried(r), cooling: p.cooling(now)}
+	c := candidates{pool: p.pool, set: &p.set, now: now, tried: &f.Tried}
 	if p.ChooseAll || len(pool) <= p.Choose {
 		return c.pick(pool, score, nil, 0)
 	}
@@ -169,10 +169,6 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 
 // maxFailureRate bounds the failure penalty at ×100.
 const maxFailureRate = 0.99
-
-func (p *AIPredictiveSelection) cooling(now time.Time) func(*reverseproxy.Upstream) bool {
-	return func(u *reverseproxy.Upstream) bool { return p.set.Get(u.Dial).CoolingDown(now) }
-}
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
 //
@@ -275,12 +271,10 @@ func (p *LeastTokensSelection) Cleanup() error {
 // per unit of weight, skipping (while another is eligible) upstreams in a
 // Retry-After cooldown and those this request already failed on.
 func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
-	p.app.Features(r) // read where the loop's own request is seen, for the transport
+	f := p.app.Features(r) // read where the loop's own request is seen, for the transport
 	aibalance.SetRequestPool(r, p.pool)
 	now := time.Now()
-	c := candidates{pool: p.pool, weight: p.pool.Weight, tried: aibalance.RequestTried(r), cooling: func(u *reverseproxy.Upstream) bool {
-		return p.set.Get(u.Dial).CoolingDown(now)
-	}}
+	c := candidates{pool: p.pool, set: &p.set, now: now, tried: &f.Tried}
 	return c.pick(pool, func(u *reverseproxy.Upstream) float64 {
 		_, tokens := p.set.Get(u.Dial).Inflight()
 		// requests break ties: a fraction of a token each
@@ -334,10 +328,9 @@ func (p *WeightedLeastConnSelection) Validate() error {
 // request, skipping upstreams this request already failed on while another
 // is eligible.
 func (p *WeightedLeastConnSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
-	weight := func(addr string) float64 { return positionalWeight(p.Weights, pool, addr) }
-	c := candidates{weight: weight, tried: aibalance.RequestTried(r)}
+	c := candidates{weights: p.Weights, upstreams: pool, tried: aibalance.RequestTried(r)}
 	return c.pick(pool, func(u *reverseproxy.Upstream) float64 {
-		return float64(u.NumRequests()+1) / weight(u.Dial)
+		return float64(u.NumRequests()+1) / c.weight(u)
 	}, nil, 0)
 }
 
@@ -407,20 +400,29 @@ func positionalWeight(weights []int, pool reverseproxy.UpstreamPool, addr string
 // for a pause, while another is eligible; and when none is, the request
 // still goes somewhere rather than nowhere.
 type candidates struct {
-	pool    *aibalance.Pool // nil: no pool to record members in
-	weight  func(addr string) float64
-	tried   *aibalance.Tried
-	cooling func(*reverseproxy.Upstream) bool // nil: no cooldowns known
+	pool      *aibalance.Pool // weights by address, members; nil: positional weights
+	weights   []int           // positional weights, when pool is nil
+	upstreams reverseproxy.UpstreamPool
+	set       *aibalance.BackendSet // nil: no cooldowns known
+	now       time.Time
+	tried     *aibalance.Tried
+}
+
+func (c *candidates) weight(u *reverseproxy.Upstream) float64 {
+	if c.pool != nil {
+		return c.pool.Weight(u.Dial)
+	}
+	return positionalWeight(c.weights, c.upstreams, u.Dial)
 }
 
 func (c *candidates) ok(level int, u *reverseproxy.Upstream) bool {
-	if !u.Available() || c.weight(u.Dial) <= 0 {
+	if !u.Available() || c.weight(u) <= 0 {
 		return false
 	}
 	if level < 2 && c.tried.Len() > 0 && c.tried.Has(u.Dial) {
 		return false
 	}
-	if level < 1 && c.cooling != nil && c.cooling(u) {
+	if level < 1 && c.set != nil && c.set.Get(u.Dial).CoolingDown(c.now) {
 		return false
 	}
 	return true

@@ -294,10 +294,12 @@ func BenchmarkSelect(b *testing.B) {
 				r = r.WithContext(withVars(r))
 				s.sel.Select(pool, r, nil) // features read and cached once per request
 				b.ReportAllocs()
+				tried := aibalance.RequestTried(r)
 				for b.Loop() {
 					if s.sel.Select(pool, r, nil) == nil {
 						b.Fatal("nil")
 					}
+					tried.Reset() // each Select is the first attempt of a request
 				}
 			})
 		}
