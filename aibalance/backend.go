@@ -21,7 +21,8 @@ type Backend struct {
 	pendingTokens  atomic.Int64  // their prompt tokens
 	pendingSince   atomic.Int64  // sum of their start times, µs since epoch (mean age = now - sum/pending)
 	maxRunning     atomic.Int64  // most requests seen past their first token at once: the batch seen so far (see LoadState.Beyond)
-	slots          atomic.Int64  // the engine's batch capacity, as its metrics showed it saturated (see learnSlots); 0: unknown
+	slots          atomic.Int64  // the engine's batch capacity, as observed saturated (see learnSlots, FirstToken); 0: unknown
+	slotsAt        atomic.Int64  // unix ns of the last evidence of it; it expires after staleAfter
 	fullAt         atomic.Int64  // the running count of the last scrapes that showed a queue
 	fullCount      atomic.Int64  // how many scrapes in a row showed it
 	e2eEWMA        atomic.Uint64 // float64 seconds: recent completion time of successful LLM requests
@@ -102,7 +103,7 @@ func (b *Backend) State(now time.Time) LoadState {
 	}
 	// A request beyond a batch the engine has shown full waits for a
 	// slot: running requests finish at about slots/E2E per second.
-	if slots := float64(b.slots.Load()); slots > 0 {
+	if slots := float64(b.Slots(now)); slots > 0 {
 		if ahead := s.Inflight + 1 - slots; ahead > 0 {
 			if e2e := math.Float64frombits(b.e2eEWMA.Load()); e2e > 0 {
 				s.QueueWait = ahead * e2e / slots
@@ -140,6 +141,7 @@ type Attempt struct {
 	predicted time.Duration
 	start     time.Time
 	pending   bool // counted as pending (a stream without its first token yet)
+	predTTFT  float64 // predicted TTFT at dispatch, seconds, with no wait for a slot
 	work      bool // LLM work: may teach the model
 	stream    bool
 }
@@ -152,7 +154,9 @@ func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
 	s := b.State(now)
 	a := Attempt{b: b, state: s, prompt: f.PromptTokens, start: now, work: f.Work(), stream: f.Stream}
 	if a.work {
-		a.predicted = b.model.Predict(s, f.PromptTokens, f.OutputTokens, prior, now).E2E
+		p := b.model.Predict(s, f.PromptTokens, f.OutputTokens, prior, now)
+		a.predicted = p.E2E
+		a.predTTFT = max(p.TTFT.Seconds()-s.QueueWait, 0)
 	}
 	a.tokens = int64(f.Tokens())
 	b.recent.add(now)
@@ -167,22 +171,62 @@ func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
 	return a
 }
 
-// FirstToken records that the attempt got its first token: it stops
+// FirstToken records that the attempt got its first token at now: it stops
 // counting as pending and starts counting as running. Only the first call
 // counts.
-func (a *Attempt) FirstToken() {
+//
+// It is also where the balancer sees an engine's batch limit for itself,
+// when the engine reports no metrics: a stream sent while the backend had
+// at least as many requests in flight as the largest batch seen, whose
+// first token then came later than predicted by more than half the time a
+// batch slot takes to free (E2E/batch), waited for a slot — the engine was
+// full with at most that many. A batch running past the known capacity
+// raises it. Only an observed wait lowers the capacity, and the evidence
+// expires (see Slots): what has not been observed lately is not full.
+func (a *Attempt) FirstToken(now time.Time) {
 	if !a.pending {
 		return
 	}
 	a.release()
 	b := a.b
 	running := b.inflight.Load() - b.pending.Load()
+	seen := b.maxRunning.Load()
 	for {
 		m := b.maxRunning.Load()
 		if running <= m || b.maxRunning.CompareAndSwap(m, running) {
-			return
+			break
 		}
 	}
+	if cur := b.slots.Load(); cur > 0 && running > cur {
+		b.setSlots(running, now)
+	}
+	e2e := math.Float64frombits(b.e2eEWMA.Load())
+	if !a.work || seen < 1 || a.state.Inflight+1 <= float64(seen) || e2e <= 0 {
+		return
+	}
+	if waited := now.Sub(a.start).Seconds() - a.predTTFT; waited > e2e/float64(seen)/2 {
+		full := max(int64(a.state.Inflight), 1)
+		if cur := b.Slots(now); cur == 0 || full < cur {
+			b.setSlots(full, now)
+		} else {
+			b.slotsAt.Store(now.UnixNano()) // confirmed
+		}
+	}
+}
+
+func (b *Backend) setSlots(n int64, now time.Time) {
+	b.slots.Store(n)
+	b.slotsAt.Store(now.UnixNano())
+}
+
+// Slots is the backend's batch capacity as last observed saturated (by
+// its metrics or by the balancer's own waits), or 0 when unknown or when
+// the evidence is older than staleAfter.
+func (b *Backend) Slots(now time.Time) int64 {
+	if now.UnixNano()-b.slotsAt.Load() > int64(staleAfter) {
+		return 0
+	}
+	return b.slots.Load()
 }
 
 // release stops counting the attempt as pending.

@@ -36,7 +36,7 @@ func TestSideTrafficTeachesNothing(t *testing.T) {
 	}
 	// a real request does train it
 	a := b.Begin(work(true), &prior, now)
-	a.FirstToken()
+	a.FirstToken(time.Now())
 	a.End(Outcome{Status: 200, Stream: true, TTFT: 50 * time.Millisecond, E2E: time.Second, OutputTokens: 50}, 0.99, &prior, now)
 	if n := b.Model().Stats().Samples; n != 1 || prior.ttft.Load() == 0 {
 		t.Fatalf("LLM work did not train: %d samples", n)
@@ -198,7 +198,7 @@ func TestPoolsDoNotShareBeliefs(t *testing.T) {
 	now := time.Unix(1000, 0)
 	for i := 0; i < 50; i++ {
 		a := b.Begin(work(true), big.Prior(), now)
-		a.FirstToken()
+		a.FirstToken(time.Now())
 		a.End(Outcome{Status: 200, Stream: true, TTFT: 3 * time.Second, E2E: 30 * time.Second, OutputTokens: 100}, 0.99, big.Prior(), now)
 	}
 	bt, _ := big.Prior().Values()
@@ -210,4 +210,45 @@ func TestPoolsDoNotShareBeliefs(t *testing.T) {
 		t.Fatal("the same key gave another pool")
 	}
 	ReleasePool("test-70b")
+}
+
+// TestSlotsFromObservedWaits: a stream sent past the largest batch seen
+// whose first token came late reveals the engine's batch limit; a batch
+// running past it raises it; the evidence expires.
+func TestSlotsFromObservedWaits(t *testing.T) {
+	var prior Prior
+	b := newBackend("slots")
+	now := time.Unix(1000, 0)
+	ewmaAtomic(&b.e2eEWMA, 1.0) // requests take 1 s
+	// four streams run at once: the batch seen is 4
+	var running []Attempt
+	for i := 0; i < 4; i++ {
+		a := b.Begin(work(true), &prior, now)
+		a.FirstToken(now.Add(10 * time.Millisecond))
+		running = append(running, a)
+	}
+	if b.Slots(now) != 0 {
+		t.Fatal("a capacity was assumed before any wait was seen")
+	}
+	// a fifth, sent with 4 in flight, waits 400 ms for its first token
+	a := b.Begin(work(true), &prior, now)
+	a.FirstToken(now.Add(400 * time.Millisecond))
+	if got := b.Slots(now); got != 4 {
+		t.Fatalf("capacity %d after a wait at 4 in flight, want 4", got)
+	}
+	if s := b.State(now); s.QueueWait <= 0 {
+		t.Fatalf("no queue anticipated past a full batch: %+v", s)
+	}
+	if b.Slots(now.Add(2*staleAfter)) != 0 {
+		t.Fatal("the capacity evidence never expires")
+	}
+	// a batch of six running raises it
+	for i := 0; i < 2; i++ {
+		x := b.Begin(work(true), &prior, now)
+		x.FirstToken(now.Add(5 * time.Millisecond))
+	}
+	if got := b.Slots(now); got < 6 {
+		t.Fatalf("capacity %d after 6 ran at once", got)
+	}
+	_ = running
 }

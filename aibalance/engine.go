@@ -95,17 +95,14 @@ func (b *Backend) learnSlots(m EngineMetrics) {
 			b.fullCount.Store(0)
 		}
 		if b.fullCount.Add(1) >= fullScrapes {
-			b.slots.Store(r)
+			b.setSlots(r, m.At)
 		}
 		return
 	}
 	b.fullAt.Store(0)
 	b.fullCount.Store(0)
-	for {
-		cur := b.slots.Load()
-		if cur == 0 || r <= cur || b.slots.CompareAndSwap(cur, r) {
-			return
-		}
+	if cur := b.slots.Load(); cur > 0 && r > cur {
+		b.setSlots(r, m.At)
 	}
 }
 
@@ -113,9 +110,7 @@ func (b *Backend) learnSlots(m EngineMetrics) {
 // same batch before the batch counts as full.
 const fullScrapes = 3
 
-// Slots is the engine's batch capacity as far as its metrics showed it
-// saturated; 0 when unknown.
-func (b *Backend) Slots() int64 { return b.slots.Load() }
+
 
 // ClearEngine forgets the backend's engine metrics (its scraper stopped).
 func (b *Backend) ClearEngine() { b.engine.latest.Store(nil) }

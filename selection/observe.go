@@ -196,8 +196,9 @@ func (o *observedBody) sseLine() {
 	o.usage = max(o.usage, usage)
 	if content {
 		if o.events == 0 {
-			o.outcome.TTFT = o.t.clock().Sub(o.att.Start())
-			o.att.FirstToken()
+			now := o.t.clock()
+			o.outcome.TTFT = now.Sub(o.att.Start())
+			o.att.FirstToken(now)
 		}
 		o.events++
 	}

@@ -170,7 +170,7 @@ func TestPredictivePrefersFasterBackend(t *testing.T) {
 			b := p.set.Get(pool[j].Dial)
 			f := &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 200, OutputTokens: 100}
 			a := b.Begin(f, p.pool.Prior(), now)
-			a.FirstToken()
+			a.FirstToken(time.Now())
 			a.End(aibalance.Outcome{Status: 200, Stream: true, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, app.Lambda(), p.pool.Prior(), now)
 		}
 	}
@@ -243,7 +243,7 @@ func TestStreamsWeighFirstToken(t *testing.T) {
 			{Status: 200, Stream: true, TTFT: 20 * time.Millisecond, E2E: 20*time.Millisecond + 99*25*time.Millisecond, OutputTokens: 100},
 		} {
 			a := p.set.Get(pool[j].Dial).Begin(&aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 100, OutputTokens: 100}, p.pool.Prior(), now)
-			a.FirstToken()
+			a.FirstToken(time.Now())
 			a.End(o, p.app.Lambda(), p.pool.Prior(), now)
 		}
 	}
