@@ -140,9 +140,9 @@ type Attempt struct {
 	prompt    int
 	predicted time.Duration
 	start     time.Time
-	pending   bool // counted as pending (a stream without its first token yet)
+	pending   bool    // counted as pending (a stream without its first token yet)
 	predTTFT  float64 // predicted TTFT at dispatch, seconds, with no wait for a slot
-	work      bool // LLM work: may teach the model
+	work      bool    // LLM work: may teach the model
 	stream    bool
 }
 

@@ -219,7 +219,12 @@ func TestSlotsFromObservedWaits(t *testing.T) {
 	var prior Prior
 	b := newBackend("slots")
 	now := time.Unix(1000, 0)
-	ewmaAtomic(&b.e2eEWMA, 1.0) // requests take 1 s
+	for i := 0; i < 30; i++ { // first tokens in 10 ms, requests take 1 s
+		a := b.Begin(work(true), &prior, now)
+		a.FirstToken(now.Add(10 * time.Millisecond))
+		a.End(Outcome{Status: 200, Stream: true, TTFT: 10 * time.Millisecond, E2E: time.Second, OutputTokens: 50}, 0.99, &prior, now)
+	}
+	b.maxRunning.Store(0)
 	// four streams run at once: the batch seen is 4
 	var running []Attempt
 	for i := 0; i < 4; i++ {

@@ -110,8 +110,6 @@ func (b *Backend) learnSlots(m EngineMetrics) {
 // same batch before the batch counts as full.
 const fullScrapes = 3
 
-
-
 // ClearEngine forgets the backend's engine metrics (its scraper stopped).
 func (b *Backend) ClearEngine() { b.engine.latest.Store(nil) }
 
