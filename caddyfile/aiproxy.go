@@ -71,8 +71,10 @@ const (
 //	    fail_duration 10s
 //	}
 //
-// Any of these the block sets itself wins. A `transport` other than
-// aibalance is rejected: the policies learn from it.
+// Any of these the block writes itself wins, 0 included (lb_retries 0 turns
+// retries off). A `transport` other than aibalance is rejected: the
+// policies learn from it. A body larger than request_buffers is not
+// retried once a backend read part of it (see selection.bodyGuard).
 func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	d := h.Dispenser
 	d.Next() // consume directive name
