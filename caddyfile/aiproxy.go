@@ -71,8 +71,10 @@ const (
 //	    fail_duration 10s
 //	}
 //
-// Any of these the block sets itself wins. A `transport` other than
-// aibalance is rejected: the policies learn from it.
+// Any of these the block writes itself wins, 0 included (lb_retries 0 turns
+// retries off). A `transport` other than aibalance is rejected: the
+// policies learn from it. A body larger than request_buffers is not
+// retried once a backend read part of it (see selection.bodyGuard).
 func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	d := h.Dispenser
 	d.Next() // consume directive name
@@ -91,20 +93,31 @@ func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 
 	var pol policyOptions
 	var eng selection.Transport // the engine-metrics options given at the top level
+	var engTok *caddyfile.Token // the first of them
+	// the reverse_proxy subdirectives the block wrote: ai_proxy's defaults
+	// apply only to the others, so a written 0 stays 0
+	written := map[string]caddyfile.Token{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		if handled, err := pol.parse(d); err != nil {
 			return nil, err
 		} else if handled {
 			continue
 		}
+		tok := d.Token()
 		if handled, err := eng.UnmarshalEngineOption(d); err != nil {
 			return nil, err
 		} else if handled {
+			if engTok == nil {
+				engTok = &tok
+			}
 			continue
 		}
 		seg := d.NextSegment()
 		if seg[0].Text == "transport" && len(seg) > 1 && seg[1].Text != "aibalance" {
 			return nil, d.Errf("ai_proxy: transport %s would stop the balancer from measuring its backends; put the http transport options inside `transport aibalance { ... }`", seg[1].Text)
+		}
+		if _, ok := written[seg[0].Text]; !ok {
+			written[seg[0].Text] = seg[0]
 		}
 		tokens = append(tokens, seg...)
 	}
@@ -124,28 +137,40 @@ func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	if err := rp.FinalizeUnmarshalCaddyfile(h); err != nil {
 		return nil, err
 	}
-	if err := applyDefaults(d, rp, &pol); err != nil {
+	if len(rp.Upstreams) == 0 && rp.DynamicUpstreamsRaw == nil {
+		return nil, errAt(header, "ai_proxy: no upstreams: give their addresses after ai_proxy (or with `to`), or a `dynamic` source in its block")
+	}
+	if err := applyDefaults(rp, &pol, written); err != nil {
 		return nil, err
 	}
-	if err := applyEngine(d, rp, &eng); err != nil {
-		return nil, err
+	if engTok != nil {
+		if err := applyEngine(*engTok, rp, &eng); err != nil {
+			return nil, err
+		}
 	}
 	return rp, nil
 }
 
+// errAt is an error that names tok's file and line, as d.Errf does at the
+// dispenser's cursor: errors found once the whole block is read point at
+// the line that caused them, not at the closing brace.
+func errAt(tok caddyfile.Token, format string, args ...any) error {
+	d := caddyfile.NewDispenser([]caddyfile.Token{tok})
+	d.Next()
+	return d.Errf(format, args...)
+}
+
 // applyEngine moves the engine-metrics options given at ai_proxy's top
 // level into its transport, refusing one given in both places.
-func applyEngine(d *caddyfile.Dispenser, rp *reverseproxy.Handler, eng *selection.Transport) error {
-	if eng.Engine == "" && eng.MetricsPath == "" && eng.MetricsPort == 0 && eng.MetricsInterval == 0 && eng.MetricsTimeout == 0 {
-		return nil
-	}
+// tok is the first engine option, where errors point.
+func applyEngine(tok caddyfile.Token, rp *reverseproxy.Handler, eng *selection.Transport) error {
 	t := new(selection.Transport)
 	if err := json.Unmarshal(rp.TransportRaw, t); err != nil {
-		return d.Errf("ai_proxy: reading the transport: %v", err)
+		return errAt(tok, "ai_proxy: reading the transport: %v", err)
 	}
 	if (eng.Engine != "" && t.Engine != "") || (eng.MetricsPath != "" && t.MetricsPath != "") || (eng.MetricsPort != 0 && t.MetricsPort != 0) ||
 		(eng.MetricsInterval != 0 && t.MetricsInterval != 0) || (eng.MetricsTimeout != 0 && t.MetricsTimeout != 0) {
-		return d.Err("ai_proxy: an engine option is given both in the block and in transport aibalance")
+		return errAt(tok, "ai_proxy: an engine option is given both in the block and in transport aibalance")
 	}
 	if eng.Engine != "" {
 		t.Engine = eng.Engine
@@ -166,7 +191,8 @@ func applyEngine(d *caddyfile.Dispenser, rp *reverseproxy.Handler, eng *selectio
 	return nil
 }
 
-// policyOptions are the ai_proxy subdirectives that choose the policy.
+// policyOptions are the ai_proxy subdirectives that choose the policy,
+// with the tokens that gave them (errors found later point at their line).
 type policyOptions struct {
 	name       string
 	weights    []int
@@ -174,10 +200,16 @@ type policyOptions struct {
 	chooseAll  bool
 	ttftWeight *float64
 	set        bool
+
+	first, nameTok, weightsTok, chooseTok, ttftTok caddyfile.Token
 }
 
 // parse consumes one of the policy subdirectives, reporting whether it was one.
 func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
+	tok := d.Token()
+	if !p.set {
+		p.first = tok
+	}
 	switch d.Val() {
 	case "policy":
 		if p.name != "" {
@@ -186,21 +218,21 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 		if !d.NextArg() {
 			return true, d.ArgErr()
 		}
-		p.name = d.Val()
+		p.name, p.nameTok = d.Val(), tok
 		switch p.name {
 		case "ai_predictive", "least_tokens", "weighted_least_conn":
 		default:
 			return true, d.Errf("unknown ai_proxy policy %q: want ai_predictive, least_tokens or weighted_least_conn (or use lb_policy for Caddy's own)", p.name)
 		}
 		if args := d.RemainingArgs(); len(args) > 0 {
-			return true, p.setWeights(d, args)
+			return true, p.setWeights(d, tok, args)
 		}
 	case "weights":
 		args := d.RemainingArgs()
 		if len(args) == 0 {
 			return true, d.ArgErr()
 		}
-		return true, p.setWeights(d, args)
+		return true, p.setWeights(d, tok, args)
 	case "choose":
 		if p.choose != 0 || p.chooseAll {
 			return true, d.Err("choose already specified")
@@ -209,6 +241,7 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 		if p.choose, p.chooseAll, err = selection.ParseChoose(d); err != nil {
 			return true, err
 		}
+		p.chooseTok = tok
 	case "ttft_weight":
 		if p.ttftWeight != nil {
 			return true, d.Err("ttft_weight already specified")
@@ -217,7 +250,7 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 		if err != nil {
 			return true, err
 		}
-		p.ttftWeight = &w
+		p.ttftWeight, p.ttftTok = &w, tok
 	default:
 		return false, nil
 	}
@@ -225,8 +258,9 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 	return true, nil
 }
 
-// setWeights takes weights given either after `policy <name>` or by `weights`.
-func (p *policyOptions) setWeights(d *caddyfile.Dispenser, args []string) error {
+// setWeights takes weights given either after `policy <name>` or by
+// `weights` (tok).
+func (p *policyOptions) setWeights(d *caddyfile.Dispenser, tok caddyfile.Token, args []string) error {
 	if p.weights != nil {
 		return d.Err("weights already specified")
 	}
@@ -234,19 +268,22 @@ func (p *policyOptions) setWeights(d *caddyfile.Dispenser, args []string) error 
 	if err != nil {
 		return err
 	}
-	p.weights = w
+	p.weights, p.weightsTok = w, tok
 	p.set = true
 	return nil
 }
 
 // selector builds the selection policy module the options describe.
-func (p *policyOptions) selector(d *caddyfile.Dispenser, upstreams int) (json.RawMessage, error) {
+func (p *policyOptions) selector(upstreams int) (json.RawMessage, error) {
 	name := p.name
 	if name == "" {
 		name = "ai_predictive"
 	}
-	if p.weights != nil && upstreams > 0 && len(p.weights) != upstreams {
-		return nil, d.Errf("ai_proxy: %d weights for %d upstreams: give one weight per upstream, in order", len(p.weights), upstreams)
+	if p.weights != nil && upstreams == 0 {
+		return nil, errAt(p.weightsTok, "ai_proxy: weights without upstreams: weights follow the order of the upstreams written after ai_proxy, and a dynamic source has none")
+	}
+	if p.weights != nil && len(p.weights) != upstreams {
+		return nil, errAt(p.weightsTok, "ai_proxy: %d weights for %d upstreams: give one weight per upstream, in order", len(p.weights), upstreams)
 	}
 	var sel reverseproxy.Selector
 	switch name {
@@ -256,20 +293,23 @@ func (p *policyOptions) selector(d *caddyfile.Dispenser, upstreams int) (json.Ra
 		sel = &selection.LeastTokensSelection{Weights: p.weights}
 	case "weighted_least_conn":
 		if p.weights == nil {
-			return nil, d.Err("ai_proxy: policy weighted_least_conn needs weights")
+			return nil, errAt(p.nameTok, "ai_proxy: policy weighted_least_conn needs weights")
 		}
 		sel = &selection.WeightedLeastConnSelection{Weights: p.weights}
 	}
 	if (p.choose != 0 || p.chooseAll) && name != "ai_predictive" {
-		return nil, d.Errf("ai_proxy: choose applies to ai_predictive, not %s", name)
+		return nil, errAt(p.chooseTok, "ai_proxy: choose applies to ai_predictive, not %s", name)
 	}
 	if p.ttftWeight != nil && name != "ai_predictive" {
-		return nil, d.Errf("ai_proxy: ttft_weight applies to ai_predictive, not %s", name)
+		return nil, errAt(p.ttftTok, "ai_proxy: ttft_weight applies to ai_predictive, not %s", name)
 	}
 	return caddyconfig.JSONModuleObject(sel, "policy", name, nil), nil
 }
 
-func applyDefaults(d *caddyfile.Dispenser, rp *reverseproxy.Handler, pol *policyOptions) error {
+// applyDefaults gives rp ai_proxy's defaults for every setting the block
+// did not write (written: the subdirectives it did, with their tokens), and
+// checks the weights of a long-form lb_policy against the upstreams.
+func applyDefaults(rp *reverseproxy.Handler, pol *policyOptions, written map[string]caddyfile.Token) error {
 	if rp.TransportRaw == nil { // parseAIProxy let no other transport through
 		rp.TransportRaw = caddyconfig.JSONModuleObject(new(selection.Transport), "protocol", "aibalance", nil)
 	}
@@ -277,34 +317,71 @@ func applyDefaults(d *caddyfile.Dispenser, rp *reverseproxy.Handler, pol *policy
 		rp.LoadBalancing = new(reverseproxy.LoadBalancing)
 	}
 	lb := rp.LoadBalancing
+	lbTok, longForm := written["lb_policy"]
 	switch {
-	case lb.SelectionPolicyRaw != nil && pol.set:
-		return d.Err("ai_proxy: use either lb_policy or policy/weights/choose/ttft_weight, not both")
-	case lb.SelectionPolicyRaw == nil:
-		raw, err := pol.selector(d, len(rp.Upstreams))
+	case longForm && pol.set:
+		return errAt(pol.first, "ai_proxy: use either lb_policy or policy/weights/choose/ttft_weight, not both")
+	case longForm:
+		if err := checkPolicyWeights(lbTok, lb.SelectionPolicyRaw, len(rp.Upstreams)); err != nil {
+			return err
+		}
+	default:
+		raw, err := pol.selector(len(rp.Upstreams))
 		if err != nil {
 			return err
 		}
 		lb.SelectionPolicyRaw = raw
 	}
-	if lb.Retries == 0 && lb.TryDuration == 0 {
+	_, retries := written["lb_retries"]
+	_, tryDuration := written["lb_try_duration"]
+	if !retries && !tryDuration {
 		lb.Retries = DefaultRetries
 	}
-	if lb.RetryMatchRaw == nil {
+	if _, ok := written["lb_retry_match"]; !ok {
 		expr, _ := json.Marshal(DefaultRetryMatch)
 		lb.RetryMatchRaw = caddyhttp.RawMatcherSets{caddy.ModuleMap{"expression": expr}}
 	}
-	if rp.HealthChecks == nil {
-		rp.HealthChecks = new(reverseproxy.HealthChecks)
+	if _, ok := written["fail_duration"]; !ok {
+		if rp.HealthChecks == nil {
+			rp.HealthChecks = new(reverseproxy.HealthChecks)
+		}
+		if rp.HealthChecks.Passive == nil {
+			rp.HealthChecks.Passive = new(reverseproxy.PassiveHealthChecks)
+		}
+		rp.HealthChecks.Passive.FailDuration = DefaultFailDuration
 	}
-	if rp.HealthChecks.Passive == nil {
-		rp.HealthChecks.Passive = &reverseproxy.PassiveHealthChecks{FailDuration: DefaultFailDuration}
-	}
-	if rp.FlushInterval == 0 {
+	if _, ok := written["flush_interval"]; !ok {
 		rp.FlushInterval = caddy.Duration(-1)
 	}
-	if rp.RequestBuffers == 0 {
+	if _, ok := written["request_buffers"]; !ok {
 		rp.RequestBuffers = DefaultRequestBuffers
+	}
+	return nil
+}
+
+// checkPolicyWeights refuses a long-form lb_policy of the plugin (tok)
+// whose weights the upstreams cannot match: more weights than upstreams,
+// or weights with no static upstreams for the policies that give weights
+// by address. The policy's own block cannot see the upstreams; its
+// Provision checks the same for a hand-written reverse_proxy.
+func checkPolicyWeights(tok caddyfile.Token, raw json.RawMessage, upstreams int) error {
+	var pol struct {
+		Policy  string `json:"policy"`
+		Weights []int  `json:"weights"`
+	}
+	if json.Unmarshal(raw, &pol) != nil || len(pol.Weights) == 0 {
+		return nil
+	}
+	switch pol.Policy {
+	case "ai_predictive", "least_tokens", "weighted_least_conn":
+	default:
+		return nil
+	}
+	if upstreams == 0 && pol.Policy != "weighted_least_conn" {
+		return errAt(tok, "ai_proxy: lb_policy %s has weights but there are no upstreams: weights follow the order of the upstreams written after ai_proxy, and a dynamic source has none", pol.Policy)
+	}
+	if upstreams > 0 && len(pol.Weights) > upstreams {
+		return errAt(tok, "ai_proxy: lb_policy %s has %d weights for %d upstreams: give at most one weight per upstream, in order", pol.Policy, len(pol.Weights), upstreams)
 	}
 	return nil
 }

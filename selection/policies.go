@@ -11,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
 
 	"github.com/aibalance/caddy-aibalance/aibalance"
 )
@@ -77,6 +78,7 @@ type AIPredictiveSelection struct {
 	app        *aibalance.App
 	set        aibalance.BackendSet
 	pool       *aibalance.Pool
+	body       bodyGuard
 	clock      func() time.Time
 }
 
@@ -92,6 +94,8 @@ func (*AIPredictiveSelection) CaddyModule() caddy.ModuleInfo {
 }
 
 // Provision sets defaults and takes references to the handler's upstreams.
+// It refuses weights the handler's upstreams cannot match, and warns when
+// the handler's transport is not aibalance (nothing to learn from).
 func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 	if p.Choose == 0 {
 		p.Choose = 2
@@ -100,11 +104,16 @@ func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 	if p.TTFTWeight != nil {
 		p.ttftWeight = *p.TTFTWeight
 	}
-	var err error
-	p.app, p.pool, err = provisionStore(ctx, &p.set, p.Weights)
 	if p.clock == nil {
 		p.clock = time.Now
 	}
+	if err := checkWeights(ctx, "ai_predictive", p.Weights, true); err != nil {
+		return err
+	}
+	warnWithoutTransport(ctx, "ai_predictive")
+	p.body = newBodyGuard(ctx)
+	var err error
+	p.app, p.pool, err = provisionStore(ctx, &p.set, p.Weights)
 	return err
 }
 
@@ -144,6 +153,9 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		return nil
 	}
 	f := p.app.Features(r)
+	if !p.body.allow(r) {
+		return nil
+	}
 	aibalance.SetRequestPool(r, p.pool)
 	now := p.clock()
 	prior := p.pool.Prior()
@@ -238,6 +250,7 @@ type LeastTokensSelection struct {
 	app  *aibalance.App
 	set  aibalance.BackendSet
 	pool *aibalance.Pool
+	body bodyGuard
 }
 
 // CaddyModule returns the Caddy module information.
@@ -248,8 +261,15 @@ func (*LeastTokensSelection) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision takes references to the handler's upstreams.
+// Provision takes references to the handler's upstreams. It refuses
+// weights the handler's upstreams cannot match, and warns when the
+// handler's transport is not aibalance (no tokens counted).
 func (p *LeastTokensSelection) Provision(ctx caddy.Context) error {
+	if err := checkWeights(ctx, "least_tokens", p.Weights, true); err != nil {
+		return err
+	}
+	warnWithoutTransport(ctx, "least_tokens")
+	p.body = newBodyGuard(ctx)
 	var err error
 	p.app, p.pool, err = provisionStore(ctx, &p.set, p.Weights)
 	return err
@@ -272,6 +292,9 @@ func (p *LeastTokensSelection) Cleanup() error {
 // Retry-After cooldown and those this request already failed on.
 func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
 	f := p.app.Features(r) // read where the loop's own request is seen, for the transport
+	if !p.body.allow(r) {
+		return nil
+	}
 	aibalance.SetRequestPool(r, p.pool)
 	now := time.Now()
 	c := candidates{pool: p.pool, set: &p.set, now: now, tried: &f.Tried}
@@ -309,6 +332,8 @@ type WeightedLeastConnSelection struct {
 	// Weights, in the order of the upstreams; missing weights are 1, 0 never
 	// selects the upstream.
 	Weights []int `json:"weights,omitempty"`
+
+	body bodyGuard
 }
 
 // CaddyModule returns the Caddy module information.
@@ -317,6 +342,16 @@ func (*WeightedLeastConnSelection) CaddyModule() caddy.ModuleInfo {
 		ID:  "http.reverse_proxy.selection_policies.weighted_least_conn",
 		New: func() caddy.Module { return new(WeightedLeastConnSelection) },
 	}
+}
+
+// Provision refuses more weights than the handler has static upstreams
+// and reads its request_buffers.
+func (p *WeightedLeastConnSelection) Provision(ctx caddy.Context) error {
+	if err := checkWeights(ctx, "weighted_least_conn", p.Weights, false); err != nil {
+		return err
+	}
+	p.body = newBodyGuard(ctx)
+	return nil
 }
 
 // Validate checks the configuration.
@@ -328,6 +363,9 @@ func (p *WeightedLeastConnSelection) Validate() error {
 // request, skipping upstreams this request already failed on while another
 // is eligible.
 func (p *WeightedLeastConnSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
+	if !p.body.allow(r) {
+		return nil
+	}
 	c := candidates{weights: p.Weights, upstreams: pool, tried: aibalance.RequestTried(r)}
 	return c.pick(pool, func(u *reverseproxy.Upstream) float64 {
 		return float64(u.NumRequests()+1) / c.weight(u)
@@ -376,6 +414,47 @@ func provisionStore(ctx caddy.Context, set *aibalance.BackendSet, weights []int)
 	}
 	pool.SetWeights(byAddr)
 	return app, pool, nil
+}
+
+// checkWeights refuses weights the handler's upstreams cannot match: more
+// weights than upstreams, or (with needStatic) weights for a handler with
+// no static upstreams: the policies that learn give weights by the
+// address of the upstream written at the same place, and dynamic
+// upstreams have none. It runs at Provision because the policy's own
+// Caddyfile block cannot see the upstreams.
+func checkWeights(ctx caddy.Context, policy string, weights []int, needStatic bool) error {
+	h := handlerOf(ctx)
+	if h == nil || len(weights) == 0 {
+		return nil
+	}
+	n := len(h.Upstreams)
+	if n == 0 && needStatic {
+		return fmt.Errorf("%s: %d weights but the reverse_proxy has no static upstreams: weights follow the order of the upstreams written in the config", policy, len(weights))
+	}
+	if n > 0 && len(weights) > n {
+		return fmt.Errorf("%s: %d weights for %d upstreams: give at most one weight per upstream, in order", policy, len(weights), n)
+	}
+	return nil
+}
+
+// warnWithoutTransport logs, at Provision, that a policy that learns from
+// transport aibalance runs without it: it would silently degrade to
+// counting Caddy's requests. The warning shows in `caddy validate`.
+func warnWithoutTransport(ctx caddy.Context, policy string) {
+	h := handlerOf(ctx)
+	if h == nil {
+		return
+	}
+	if _, ok := h.Transport.(*Transport); ok {
+		return
+	}
+	name := "http" // Caddy's default, set after the policy is loaded
+	if m, ok := h.Transport.(caddy.Module); ok {
+		name = m.CaddyModule().ID.Name()
+	}
+	ctx.Logger().Warn("lb_policy "+policy+" cannot learn without transport aibalance: it measures nothing and falls back to counting requests in flight. "+
+		"Add `transport aibalance` to the reverse_proxy (http transport options go inside its block), or use ai_proxy, which sets it",
+		zap.String("policy", policy), zap.String("transport", name))
 }
 
 // positionalWeight is the weight of the upstream at addr in pool, from
@@ -569,15 +648,21 @@ func ParseTTFTWeight(d *caddyfile.Dispenser) (float64, error) {
 	return w, nil
 }
 
-// ParseWeights reads Caddyfile weight arguments: whole numbers, 0 or more.
+// ParseWeights reads Caddyfile weight arguments: whole numbers, 0 or more,
+// at least one above 0. d is at the line that gave them.
 func ParseWeights(d *caddyfile.Dispenser, args []string) ([]int, error) {
 	var out []int
+	total := 0
 	for _, a := range args {
 		w, err := strconv.Atoi(a)
 		if err != nil || w < 0 {
 			return nil, d.Errf("invalid weight %q: want a whole number, 0 or more", a)
 		}
 		out = append(out, w)
+		total += w
+	}
+	if len(out) > 0 && total == 0 {
+		return nil, d.Errf("weights are all 0: an upstream of weight 0 is never selected, so at least one weight must be above 0")
 	}
 	return out, nil
 }
@@ -614,6 +699,7 @@ var (
 	_ caddyfile.Unmarshaler = (*LeastTokensSelection)(nil)
 
 	_ reverseproxy.Selector = (*WeightedLeastConnSelection)(nil)
+	_ caddy.Provisioner     = (*WeightedLeastConnSelection)(nil)
 	_ caddy.Validator       = (*WeightedLeastConnSelection)(nil)
 	_ caddyfile.Unmarshaler = (*WeightedLeastConnSelection)(nil)
 )

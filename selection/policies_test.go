@@ -200,6 +200,7 @@ func TestPolicyCaddyfile(t *testing.T) {
 		{"predictive bad weight", "ai_predictive {\n weights 1 x\n}", new(AIPredictiveSelection), `invalid weight "x"`},
 		{"least_tokens", `least_tokens 2 1`, new(LeastTokensSelection), "weights=[2 1]"},
 		{"least_tokens negative", `least_tokens -1`, new(LeastTokensSelection), `invalid weight "-1"`},
+		{"least_tokens all zero", `least_tokens 0 0`, new(LeastTokensSelection), "weights are all 0"},
 		{"wlc", `weighted_least_conn 3 2 1`, new(WeightedLeastConnSelection), "weights=[3 2 1]"},
 		{"wlc no weights", `weighted_least_conn`, new(WeightedLeastConnSelection), "wrong argument count"},
 	} {

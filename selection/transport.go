@@ -107,12 +107,8 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 		t.set.Get(addr)
 	}
 	t.pool = aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
-	mods := ctx.Modules()
-	for i := len(mods) - 1; i >= 0; i-- {
-		if h, ok := mods[i].(*reverseproxy.Handler); ok {
-			t.requestBuffers = h.RequestBuffers
-			break
-		}
+	if h := handlerOf(ctx); h != nil {
+		t.requestBuffers = h.RequestBuffers
 	}
 	t.logger = ctx.Logger()
 	t.scrape = healthcheck.ScrapeConfig{
