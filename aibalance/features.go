@@ -185,14 +185,8 @@ func ExtractFeatures(r *http.Request, cfg FeatureConfig, f *Features) {
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength <= 0 || cfg.PeekBytes <= 0 {
 		return
 	}
-	n := min(r.ContentLength, cfg.PeekBytes)
-	var bb bytes.Buffer
-	bb.Grow(int(min(n, 4<<10)))
-	read, err := bb.ReadFrom(io.LimitReader(r.Body, n))
-	buf := bb.Bytes()
-	if err == nil && read < n {
-		err = io.ErrUnexpectedEOF
-	}
+	buf, err := peek(r.Body, min(r.ContentLength, cfg.PeekBytes))
+	read := int64(len(buf))
 	r.Body = &peekedBody{head: bytes.NewReader(buf), rest: r.Body, restErr: err}
 	if err != nil && err != io.ErrUnexpectedEOF {
 		return
@@ -206,6 +200,34 @@ func ExtractFeatures(r *http.Request, cfg FeatureConfig, f *Features) {
 	if f.API == APIEmbeddings || f.API == APIRerank {
 		f.OutputTokens = 0 // prompt cost only
 	}
+}
+
+// peek reads the first n bytes of body. The buffer starts small and
+// doubles as bytes arrive, but never past n: a client's claimed length
+// allocates nothing it does not send, and a full peek has allocated at most
+// 2n bytes and holds n (bytes.Buffer.ReadFrom would hold 2n and allocate
+// 4n, as it wants free space for one more read after the last byte).
+// A body that ends early returns io.ErrUnexpectedEOF with what it had.
+func peek(body io.Reader, n int64) ([]byte, error) {
+	buf := make([]byte, 0, min(n, 4<<10))
+	for int64(len(buf)) < n {
+		if len(buf) == cap(buf) {
+			grown := make([]byte, len(buf), min(2*int64(cap(buf)), n))
+			copy(grown, buf)
+			buf = grown
+		}
+		m, err := body.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+m]
+		switch {
+		case err == io.EOF && int64(len(buf)) < n:
+			return buf, io.ErrUnexpectedEOF
+		case err == io.EOF:
+			return buf, nil
+		case err != nil:
+			return buf, err
+		}
+	}
+	return buf, nil
 }
 
 // peekedBody replays the peeked head, then the rest of the original body.

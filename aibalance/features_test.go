@@ -2,6 +2,7 @@ package aibalance
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -10,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"testing/iotest"
 )
 
 func extract(t testing.TB, body string, chunked bool, cfg FeatureConfig) (*Features, []byte) {
@@ -85,6 +87,32 @@ func TestPeekGrowsWithTheBody(t *testing.T) {
 	}
 	if f.Model != "m" {
 		t.Fatalf("model %q", f.Model)
+	}
+}
+
+func TestPeek(t *testing.T) {
+	body := strings.Repeat("x", 10000)
+	boom := errors.New("boom")
+	for _, tc := range []struct {
+		name    string
+		r       io.Reader
+		n       int64
+		want    int
+		wantErr error
+	}{
+		{"whole body", strings.NewReader(body), 10000, 10000, nil},
+		{"prefix", strings.NewReader(body), 5000, 5000, nil},
+		{"shorter than claimed", strings.NewReader(body), 20000, 10000, io.ErrUnexpectedEOF},
+		{"data with EOF", iotest.DataErrReader(strings.NewReader(body)), 10000, 10000, nil},
+		{"one byte at a time", iotest.OneByteReader(strings.NewReader(body)), 9000, 9000, nil},
+		{"read error", io.MultiReader(strings.NewReader(body[:100]), iotest.ErrReader(boom)), 10000, 100, boom},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			buf, err := peek(tc.r, tc.n)
+			if len(buf) != tc.want || err != tc.wantErr || int64(cap(buf)) > tc.n {
+				t.Fatalf("read %d (cap %d), err %v; want %d, %v, cap at most %d", len(buf), cap(buf), err, tc.want, tc.wantErr, tc.n)
+			}
+		})
 	}
 }
 
