@@ -26,8 +26,13 @@ const MaxPeekBytes = 16 << 20
 // ctx.App("aibalance"); it is created with defaults when no config names it.
 type App struct {
 	// PeekBytes is the most bytes of a request body read to learn the
-	// request's model, size and options. The rest of a longer body is
-	// estimated from Content-Length. Default: 65536; at most MaxPeekBytes.
+	// request's model, size and options. Fields are found wherever they sit
+	// within it: SDKs often put model, max_tokens, stream and user after the
+	// messages. The peek holds only bytes that actually arrived (a client
+	// claiming a large Content-Length allocates nothing until it sends), and
+	// request buffering, when configured, holds them anyway. The rest of a
+	// longer body is estimated from Content-Length as prompt text.
+	// Default: 1048576 (1 MiB); at most MaxPeekBytes (16 MiB).
 	PeekBytes int64 `json:"peek_bytes,omitempty"`
 
 	// DefaultOutputTokens is the output a request is expected to produce

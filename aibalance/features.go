@@ -21,10 +21,11 @@ const featuresVarKey = "aibalance.features"
 
 // FeatureConfig says how request features are extracted.
 type FeatureConfig struct {
-	// PeekBytes is the most bytes of a body read to find the features.
+	// PeekBytes is the most bytes of a body read to find the features. The
+	// buffer grows with the bytes that arrive, never by Content-Length.
 	PeekBytes int64
 	// DefaultOutputTokens is the expected output when a request names no
-	// max_tokens / max_completion_tokens.
+	// max_tokens / max_completion_tokens / max_output_tokens.
 	DefaultOutputTokens int
 	// CharsPerToken converts prompt characters into estimated tokens.
 	CharsPerToken int
@@ -34,7 +35,7 @@ type FeatureConfig struct {
 
 // DefaultFeatureConfig is what the aibalance app uses when nothing is set.
 var DefaultFeatureConfig = FeatureConfig{
-	PeekBytes:           64 << 10,
+	PeekBytes:           1 << 20,
 	DefaultOutputTokens: 256,
 	CharsPerToken:       4,
 	PrefixBlockChars:    64,
@@ -88,16 +89,36 @@ type Features struct {
 	API API
 	// Model is the requested model, if the body named it within the peeked prefix.
 	Model string
-	// User is the OpenAI "user" field, a natural session key.
+	// User is the OpenAI "user" field, or Anthropic's metadata.user_id: a
+	// natural session key. At most 256 bytes.
 	User string
-	// PromptTokens is the estimated size of the prompt, including the part of
-	// the body that was not peeked (estimated from Content-Length).
+	// PreviousResponseID is the Responses API's previous_response_id: the
+	// conversation's history is stored on the server that produced it.
+	// At most 256 bytes.
+	PreviousResponseID string
+	// Conversation is the Responses API's conversation id (given as a
+	// string or as an object's id): history stored on a server, as above.
+	// At most 256 bytes.
+	Conversation string
+	// PromptCacheKey is the request's prompt_cache_key, an explicit key for
+	// routing requests that share a prompt prefix to the same cache.
+	// At most 256 bytes.
+	PromptCacheKey string
+	// PromptTokens is the estimated size of the prompt: its text (messages,
+	// system, instructions, input, tool definitions and tool calls) in
+	// characters over CharsPerToken, its token IDs, a few tokens per
+	// message, and the part of the body that was not peeked (estimated from
+	// Content-Length as prompt text).
 	PromptTokens int
-	// OutputTokens is max_tokens / max_completion_tokens or the default.
+	// OutputTokens is the expected output: max_completion_tokens,
+	// max_output_tokens or max_tokens (or thinking.budget_tokens when that
+	// is larger), else the default plus any thinking budget (at least 25000
+	// for a reasoning request), times n / best_of (at most 128). Zero for
+	// embeddings and rerank.
 	OutputTokens int
 	// Stream is true when the client asked for server-sent events.
 	Stream bool
-	// Parsed is true when the body was read as an OpenAI-style JSON request.
+	// Parsed is true when the body was read as a JSON object.
 	Parsed bool
 	// Truncated is true when the body was longer than the peek.
 	Truncated bool
@@ -166,14 +187,8 @@ func ExtractFeatures(r *http.Request, cfg FeatureConfig, f *Features) {
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength <= 0 || cfg.PeekBytes <= 0 {
 		return
 	}
-	n := min(r.ContentLength, cfg.PeekBytes)
-	var bb bytes.Buffer
-	bb.Grow(int(min(n, 4<<10)))
-	read, err := bb.ReadFrom(io.LimitReader(r.Body, n))
-	buf := bb.Bytes()
-	if err == nil && read < n {
-		err = io.ErrUnexpectedEOF
-	}
+	buf, err := peek(r.Body, min(r.ContentLength, cfg.PeekBytes))
+	read := int64(len(buf))
 	r.Body = &peekedBody{head: bytes.NewReader(buf), rest: r.Body, restErr: err}
 	if err != nil && err != io.ErrUnexpectedEOF {
 		return
@@ -187,6 +202,34 @@ func ExtractFeatures(r *http.Request, cfg FeatureConfig, f *Features) {
 	if f.API == APIEmbeddings || f.API == APIRerank {
 		f.OutputTokens = 0 // prompt cost only
 	}
+}
+
+// peek reads the first n bytes of body. The buffer starts small and
+// doubles as bytes arrive, but never past n: a client's claimed length
+// allocates nothing it does not send, and a full peek has allocated at most
+// 2n bytes and holds n (bytes.Buffer.ReadFrom would hold 2n and allocate
+// 4n, as it wants free space for one more read after the last byte).
+// A body that ends early returns io.ErrUnexpectedEOF with what it had.
+func peek(body io.Reader, n int64) ([]byte, error) {
+	buf := make([]byte, 0, min(n, 4<<10))
+	for int64(len(buf)) < n {
+		if len(buf) == cap(buf) {
+			grown := make([]byte, len(buf), min(2*int64(cap(buf)), n))
+			copy(grown, buf)
+			buf = grown
+		}
+		m, err := body.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+m]
+		switch {
+		case err == io.EOF && int64(len(buf)) < n:
+			return buf, io.ErrUnexpectedEOF
+		case err == io.EOF:
+			return buf, nil
+		case err != nil:
+			return buf, err
+		}
+	}
+	return buf, nil
 }
 
 // peekedBody replays the peeked head, then the rest of the original body.

@@ -2,6 +2,7 @@ package aibalance
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -10,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"testing/iotest"
 )
 
 func extract(t testing.TB, body string, chunked bool, cfg FeatureConfig) (*Features, []byte) {
@@ -85,6 +87,32 @@ func TestPeekGrowsWithTheBody(t *testing.T) {
 	}
 	if f.Model != "m" {
 		t.Fatalf("model %q", f.Model)
+	}
+}
+
+func TestPeek(t *testing.T) {
+	body := strings.Repeat("x", 10000)
+	boom := errors.New("boom")
+	for _, tc := range []struct {
+		name    string
+		r       io.Reader
+		n       int64
+		want    int
+		wantErr error
+	}{
+		{"whole body", strings.NewReader(body), 10000, 10000, nil},
+		{"prefix", strings.NewReader(body), 5000, 5000, nil},
+		{"shorter than claimed", strings.NewReader(body), 20000, 10000, io.ErrUnexpectedEOF},
+		{"data with EOF", iotest.DataErrReader(strings.NewReader(body)), 10000, 10000, nil},
+		{"one byte at a time", iotest.OneByteReader(strings.NewReader(body)), 9000, 9000, nil},
+		{"read error", io.MultiReader(strings.NewReader(body[:100]), iotest.ErrReader(boom)), 10000, 100, boom},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			buf, err := peek(tc.r, tc.n)
+			if len(buf) != tc.want || err != tc.wantErr || int64(cap(buf)) > tc.n {
+				t.Fatalf("read %d (cap %d), err %v; want %d, %v, cap at most %d", len(buf), cap(buf), err, tc.want, tc.wantErr, tc.n)
+			}
+		})
 	}
 }
 
@@ -181,32 +209,59 @@ type closeCounter struct {
 
 func (c *closeCounter) Close() error { c.closed++; return nil }
 
+// fuzzPaths are the paths FuzzParseRequestJSON sends bodies to: one per API
+// and one the balancer does not know.
+var fuzzPaths = []string{"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/unknown"}
+
 func FuzzParseRequestJSON(f *testing.F) {
-	for _, s := range []string{
-		`{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stream":true}`,
-		`{"prompt":[1,2,[3,4]],"input":"x"}`,
-		`{"messages":[{"content":[{"text":"a\"b"}]}]}`,
-		`{"a":{"b":[1,{"c":"\\"}]}}`, `{`, `{"`, `[`, ``,
+	for _, s := range []struct {
+		body string
+		api  uint8
+	}{
+		{`{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stream":true}`, 0},
+		{`{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":"{}"}}]}],"tools":[{"type":"function"}],"n":3}`, 0},
+		{`{"prompt":[1,2,[3,4]],"input":"x","best_of":2}`, 1},
+		{`{"prompt":[[1,2],[3]],"max_tokens":9}`, 1},
+		{`{"input":[{"role":"user","content":[{"type":"input_text","text":"a"}]},{"type":"function_call_output","output":"o"}],"instructions":"i","reasoning":{"effort":"high"},"previous_response_id":"r","conversation":{"id":"c"},"prompt_cache_key":"k"}`, 2},
+		{`{"system":[{"type":"text","text":"s"}],"messages":[{"role":"user","content":[{"type":"tool_result","content":[{"type":"text","text":"t"}]},{"type":"tool_use","input":{"a":[1]}}]}],"thinking":{"type":"enabled","budget_tokens":1024},"metadata":{"user_id":"u"},"max_tokens":2048}`, 3},
+		{`{"input":["a","b"],"model":"e"}`, 4},
+		{`{"query":"q","documents":["d",{"text":"e"}],"text_1":"a","text_2":["b"]}`, 5},
+		{`{"messages":[{"content":[{"text":"a\"b"}]}]}`, 6},
+		{`{"a":{"b":[1,{"c":"\\"}]}}`, 0}, {`{`, 0}, {`{"`, 2}, {`[`, 3}, {``, 0},
+		{`{"prompt":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[`, 1},
 	} {
-		f.Add([]byte(s), int64(0))
+		f.Add([]byte(s.body), int64(0), s.api)
 	}
-	f.Fuzz(func(t *testing.T, body []byte, rest int64) {
+	f.Fuzz(func(t *testing.T, body []byte, rest int64, api uint8) {
 		if rest < 0 {
 			rest = -rest
 		}
-		var ft Features
+		path := fuzzPaths[int(api)%len(fuzzPaths)]
+		ft := Features{API: apiOf(httptest.NewRequest(http.MethodPost, path, nil))}
 		parseRequestJSON(body, rest%(1<<40), DefaultFeatureConfig, &ft)
-		if len(ft.PrefixHashes) > MaxPrefixBlocks || ft.PromptTokens < 0 || len(ft.Model) > maxFieldLen || len(ft.User) > maxFieldLen {
+		if len(ft.PrefixHashes) > MaxPrefixBlocks || ft.PromptTokens < 0 || ft.OutputTokens < 0 ||
+			len(ft.Model) > maxFieldLen || len(ft.User) > maxFieldLen || len(ft.PreviousResponseID) > maxFieldLen ||
+			len(ft.Conversation) > maxFieldLen || len(ft.PromptCacheKey) > maxFieldLen {
 			t.Fatalf("bad features %+v", ft)
 		}
-		// the body always comes back byte for byte
-		req := httptest.NewRequest(http.MethodPost, "/", bytes.NewReader(body))
-		cfg := DefaultFeatureConfig
-		cfg.PeekBytes = 16
-		ExtractFeatures(req, cfg, new(Features))
-		got, _ := io.ReadAll(req.Body)
-		if !bytes.Equal(got, body) {
-			t.Fatal("body changed")
+		// the body always comes back byte for byte, peeked in part or whole
+		for _, peek := range []int64{16, int64(len(body)) + 1} {
+			req := httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body))
+			cfg := DefaultFeatureConfig
+			cfg.PeekBytes = peek
+			var fe Features
+			ExtractFeatures(req, cfg, &fe)
+			got, _ := io.ReadAll(req.Body)
+			if !bytes.Equal(got, body) {
+				t.Fatal("body changed")
+			}
+			// embeddings and rerank cost their prompt only once read; an
+			// unread body keeps the neutral cost (the default output)
+			if fe.Parsed && (fe.API == APIEmbeddings || fe.API == APIRerank) {
+				if fe.OutputTokens != 0 {
+					t.Fatalf("%s: output %d, want 0", path, fe.OutputTokens)
+				}
+			}
 		}
 	})
 }
