@@ -60,9 +60,11 @@ type PoolView struct {
 // UpstreamView is the balancer's view of one upstream.
 type UpstreamView struct {
 	Address string `json:"address"`
-	// State is what the balancer does with the upstream now: active, or
-	// cooldown (it answered 429/503 with Retry-After). Reason says why,
-	// Until when it ends.
+	// State is what the balancer does with the upstream now: active;
+	// cooldown (it answered 429/503 with Retry-After; Until says when it
+	// ends); or failing (most recent attempts failed; it gets requests only
+	// when no other upstream is eligible, until its failures are
+	// forgotten). Reason says why.
 	State  string    `json:"state"`
 	Reason string    `json:"reason,omitempty"`
 	Until  time.Time `json:"until,omitzero"`
@@ -164,8 +166,11 @@ func (b *Backend) view(now time.Time, prior *Prior) UpstreamView {
 			PendingAge: s.PendingAge, QueueWait: s.QueueWait, KV: s.KV,
 		},
 	}
-	if b.CoolingDown(now) {
+	switch {
+	case b.CoolingDown(now):
 		u.State, u.Reason, u.Until = "cooldown", "answered 429/503 with Retry-After", b.Cooldown()
+	case b.Failing(now):
+		u.State, u.Reason = "failing", fmt.Sprintf("%.0f%% of recent attempts failed (dial errors, timeouts, 5xx, 429, cut streams)", 100*u.FailureRate)
 	}
 	if m, fresh := b.Engine(now); !m.At.IsZero() {
 		e := &EngineView{Engine: m.Engine, Age: now.Sub(m.At).Seconds(), Fresh: fresh}

@@ -42,6 +42,11 @@ func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 			return nil, d.Errf("%s already specified", key)
 		}
 		seen[key] = true
+		switch key {
+		case "peek_bytes", "default_output_tokens", "chars_per_token", "prefix_block_chars", "model_memory":
+		default:
+			return nil, d.Errf("unrecognized aibalance global option %q", key)
+		}
 		if !d.NextArg() {
 			return nil, d.ArgErr()
 		}

@@ -129,17 +129,19 @@ http://127.0.0.1:%d {
 		transport aibalance
 	}
 }`, globals, a, upstreams(p), b, p.Addrs()[0])
-	before := healthcheck.Scrapers()
-	tester.InitServer(config, "caddyfile")
-	// the scraper goroutines count themselves once they run
-	waitFor(t, func() bool { return healthcheck.Scrapers()-before == 2 })
-	tester.InitServer(config, "caddyfile") // a reload
-	if n := healthcheck.Scrapers() - before; n != 2 {
-		t.Fatalf("%d scrapers after a reload", n)
-	}
-	tester.InitServer(fmt.Sprintf(`%s
+	empty := fmt.Sprintf(`%s
 http://127.0.0.1:%d {
 	respond "no upstreams"
-}`, globals, a), "caddyfile")
-	waitFor(t, func() bool { return healthcheck.Scrapers() == before })
+}`, globals, a)
+	// start from no scrapers: an earlier test's config may hold some
+	tester.InitServer(empty, "caddyfile")
+	waitFor(t, func() bool { return healthcheck.Scrapers() == 0 })
+	tester.InitServer(config, "caddyfile")
+	waitFor(t, func() bool { return healthcheck.Scrapers() == 2 })
+	tester.InitServer(config, "caddyfile") // a reload
+	if n := healthcheck.Scrapers(); n != 2 {
+		t.Fatalf("%d scrapers after a reload", n)
+	}
+	tester.InitServer(empty, "caddyfile")
+	waitFor(t, func() bool { return healthcheck.Scrapers() == 0 })
 }

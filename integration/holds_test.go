@@ -94,8 +94,9 @@ http://127.0.0.1:%d {
 
 // TestFailingBackendsAvoided: one backend answers every request with 429 +
 // Retry-After: 5, another cuts every stream half-way. Through ai_proxy no
-// request fails, the 429 backend is left alone for its cooldown, and the
-// cutting one gets little traffic.
+// request fails before its first byte, the 429 backend is left alone for
+// its cooldown, and the cutting one is taken out after its first failures
+// (a cut stream cannot be retried: the client sees it).
 func TestFailingBackendsAvoided(t *testing.T) {
 	tester := caddytest.NewTester(t)
 	var rejected atomic.Int64
@@ -122,29 +123,49 @@ http://127.0.0.1:%d {
 	ai_proxy %s %s
 }`, globals, listen, ln.Addr().String(), upstreams(p)), "caddyfile")
 	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen)
+	var mu sync.Mutex
 	var failed, cut int
-	for i := 0; i < 100; i++ {
-		body := llmsim.ChatBody("", fmt.Sprintf("request %d: hello", i), 8, true)
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		res, err := llmsim.Complete(ctx, http.DefaultClient, url, body)
-		cancel()
-		switch {
-		case err != nil && res.Status == 200:
-			cut++ // cut after the first byte: cannot be replayed
-		case err != nil || res.Status != 200:
-			failed++
-		}
+	jobs := make(chan int)
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range jobs {
+				body := llmsim.ChatBody("", fmt.Sprintf("request %d: hello", i), 8, true)
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				res, err := llmsim.Complete(ctx, http.DefaultClient, url, body)
+				cancel()
+				mu.Lock()
+				switch {
+				case err != nil && res.Status == 200:
+					cut++ // cut after the first byte: cannot be replayed
+				case err != nil || res.Status != 200:
+					failed++
+				}
+				mu.Unlock()
+			}
+		}()
 	}
+	for i := 0; i < 200; i++ {
+		jobs <- i
+	}
+	close(jobs)
+	wg.Wait()
 	cutter := p.Servers[1].Stats().Requests
-	t.Logf("100 requests: %d failed, %d cut; the 429 backend got %d attempts, the cutting one %d", failed, cut, rejected.Load(), cutter)
+	t.Logf("200 requests from 8 clients: %d failed, %d cut; the 429 backend got %d attempts, the cutting one %d", failed, cut, rejected.Load(), cutter)
 	if failed != 0 {
-		t.Fatalf("%d of 100 requests failed", failed)
+		t.Fatalf("%d of 200 requests failed", failed)
 	}
 	if rejected.Load() > 3 {
 		t.Fatalf("the backend in a 5 s Retry-After cooldown got %d attempts", rejected.Load())
 	}
-	if cutter > 15 {
-		t.Fatalf("the backend that cuts every stream got %d of 100 requests", cutter)
+	if cut > 4 {
+		t.Fatalf("the backend that cuts every stream cut %d of 200 streams", cut)
+	}
+	b, _ := aibalance.LookupBackend(p.Addrs()[1])
+	if st := b.Stats(); st.FailureRate < 0.5 {
+		t.Fatalf("the cutting backend's failure rate is %.2f", st.FailureRate)
 	}
 }
 

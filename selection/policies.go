@@ -473,8 +473,9 @@ func positionalWeight(weights []int, pool reverseproxy.UpstreamPool, addr string
 
 // candidates decides which upstreams a request may go to, in three levels
 // tried in order until one has a candidate: (0) available, weight above
-// zero, not cooling down and not already tried by this request; (1) the
-// same, cooling down allowed; (2) tried ones allowed too. So a retry never
+// zero, not cooling down, not failing most of its recent attempts (see
+// aibalance.Backend.Failing) and not already tried by this request; (1)
+// the same, cooling down and failing allowed; (2) tried ones allowed too. So a retry never
 // goes back to a backend that failed this request, nor to one that asked
 // for a pause, while another is eligible; and when none is, the request
 // still goes somewhere rather than nowhere.
@@ -501,8 +502,10 @@ func (c *candidates) ok(level int, u *reverseproxy.Upstream) bool {
 	if level < 2 && c.tried.Len() > 0 && c.tried.Has(u.Dial) {
 		return false
 	}
-	if level < 1 && c.set != nil && c.set.Get(u.Dial).CoolingDown(c.now) {
-		return false
+	if level < 1 && c.set != nil {
+		if b := c.set.Get(u.Dial); b.CoolingDown(c.now) || b.Failing(c.now) {
+			return false
+		}
 	}
 	return true
 }

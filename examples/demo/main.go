@@ -13,6 +13,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -77,6 +78,14 @@ func isTerminal(f *os.File) bool {
 
 // run does the demo and returns the requests completed per backend.
 func run(ctx context.Context, o options) (map[string]int, error) {
+	// another Caddy on these ports would silently be the one driven and read
+	for _, addr := range []string{fmt.Sprintf("127.0.0.1:%d", o.port), o.admin} {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("%s is taken (another Caddy?): pick free ports with -port and -admin: %w", addr, err)
+		}
+		_ = ln.Close()
+	}
 	pool, err := llmsim.StartPool(llmsim.Speeds(o.speeds...)...)
 	if err != nil {
 		return nil, err
@@ -89,7 +98,7 @@ func run(ctx context.Context, o options) (map[string]int, error) {
 		cf = strings.ReplaceAll(cf, fmt.Sprintf("127.0.0.1:%d", 8001+i), a)
 	}
 	cf = strings.Replace(cf, ":8080", fmt.Sprintf("http://127.0.0.1:%d", o.port), 1)
-	cf = fmt.Sprintf("{\n\tadmin %s\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n", o.admin) + cf
+	cf = fmt.Sprintf("{\n\tadmin %s\n\tdefault_bind 127.0.0.1\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n", o.admin) + cf
 	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
 	if err != nil {
 		return nil, fmt.Errorf("adapting the quickstart Caddyfile: %w", err)
