@@ -210,6 +210,9 @@ func TestAcquireRelease(t *testing.T) {
 	if m, _ := b.Engine(time.Now()); m.Engine != "" {
 		t.Fatalf("after the last release Engine = %+v, want cleared", m)
 	}
+	// a scrape already on the wire when the scraper stopped may still
+	// reach the server: let it land before counting
+	time.Sleep(50 * time.Millisecond)
 	hits := ms.hits.Load()
 	time.Sleep(100 * time.Millisecond)
 	if n := ms.hits.Load(); n != hits {
