@@ -92,6 +92,10 @@ const (
 	// maxOptimism bounds the exploration bonus: a score is never below
 	// (1-maxOptimism) of the prediction.
 	maxOptimism = 0.5
+	// changeBias is the running mean of signed residuals, in noise units,
+	// taken as a change of speed: unbiased noise averages near 0, and
+	// ten residuals in a row past 2.5σ of one sign bring it past 1.5.
+	changeBias = 1.5
 )
 
 // LoadState is what a prediction depends on besides the request itself.
@@ -133,6 +137,8 @@ type rls struct {
 	p0    [modelDims]float64 // initial diagonal, for the windup cap
 	scale [eqKinds]float64   // running mean absolute residual per equation kind
 	ymag  [eqKinds]float64   // running mean absolute target per equation kind
+	bias  [eqKinds]float64   // running mean of the scaled, signed residuals
+	resets int64             // covariance resets on a detected change
 }
 
 func newRLS(pTTFT, pTPOT float64) rls {
@@ -181,6 +187,20 @@ func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 	}
 	e /= s
 	e = max(min(e, clipSigmas), -clipSigmas)
+	// a backend whose speed changed (a noisy neighbour, thermal throttling,
+	// a restart with another config) leaves residuals of one sign: once
+	// their running mean passes changeBias noise units, the covariance is
+	// reset to its starting width, so the fit re-learns within a few
+	// observations instead of forgetting the old speed over its whole
+	// memory — and the exploration bonus widens with it
+	r.bias[kind] = 0.9*r.bias[kind] + 0.1*e
+	if math.Abs(r.bias[kind]) > changeBias {
+		for i := 0; i < modelDims; i++ {
+			r.p[i][i] = max(r.p[i][i], r.p0[i])
+		}
+		r.bias = [eqKinds]float64{}
+		r.resets++
+	}
 
 	var px [modelDims]float64
 	for i := 0; i < modelDims; i++ {
@@ -246,6 +266,7 @@ type Model struct {
 	apeSum float64
 
 	published atomic.Pointer[fit]
+	resets    atomic.Int64
 	samples   atomic.Int64
 	lastSeen  atomic.Int64 // unix nanoseconds of the last observation
 	mape      atomic.Uint64
@@ -467,6 +488,7 @@ func (m *Model) Observe(o Observation, lambda float64, prior *Prior, now time.Ti
 		m.r.update(query(o.State, o.PromptTokens, 1, out), max(e2e-q, 0), lambda, eqE2E)
 	}
 	m.published.Store(&fit{theta: m.r.theta, p: m.r.p})
+	m.resets.Store(m.r.resets)
 	if o.Predicted > 0 {
 		ape := math.Abs(o.Predicted.Seconds()-e2e) / e2e
 		slot := m.apeN % errWindow
@@ -501,6 +523,9 @@ type ModelStats struct {
 	TTFTPerBeyond         float64 `json:"ttft_per_beyond_batch_s"`
 	TPOTBase              float64 `json:"tpot_base_s"`
 	TPOTPerRunning        float64 `json:"tpot_per_running_s"`
+	// Changes is how many times the model saw the backend's speed change
+	// (residuals of one sign) and widened its uncertainty to re-learn.
+	Changes int64 `json:"changes_detected"`
 	// LastObserved is when the model last learned from a request.
 	LastObserved time.Time `json:"last_observed,omitzero"`
 }
@@ -509,6 +534,7 @@ type ModelStats struct {
 func (m *Model) Stats() ModelStats {
 	st := ModelStats{
 		Samples:    m.samples.Load(),
+		Changes:    m.resets.Load(),
 		MAPE:       math.Float64frombits(m.mape.Load()),
 		MAPEWindow: m.errCount.Load(),
 	}

@@ -92,3 +92,34 @@ func BenchmarkPredict(b *testing.B) {
 		_, _ = m.PredictSeconds(LoadState{Inflight: 3, InflightTokens: 4000}, 500, &p, now)
 	}
 }
+
+// TestModelFollowsASpeedChange: a backend that turns 3× slower is
+// re-learned within a few dozen observations, not over its whole memory.
+func TestModelFollowsASpeedChange(t *testing.T) {
+	var m Model
+	var p Prior
+	r := rand.New(rand.NewPCG(3, 4))
+	now := time.Unix(1000, 0)
+	obs := func(speed float64) {
+		pending := float64(r.IntN(4))
+		run := float64(r.IntN(12))
+		s := LoadState{Inflight: pending + run, Running: run, Pending: pending, PendingTokens: pending * 500}
+		prompt, out := 100+r.IntN(400), 20+r.IntN(200)
+		ttft, e2e := synthetic(s, prompt, out, speed)
+		m.Observe(Observation{State: s, Stream: true, PromptTokens: prompt, OutputTokens: out, TTFT: ttft, E2E: e2e}, 1-1.0/256, &p, now)
+		now = now.Add(10 * time.Millisecond)
+	}
+	for i := 0; i < 400; i++ {
+		obs(1)
+	}
+	for i := 0; i < 40; i++ {
+		obs(1.0 / 3)
+	}
+	s := LoadState{Inflight: 6, Running: 5, Pending: 1, PendingTokens: 300}
+	_, want := synthetic(s, 300, 100, 1.0/3)
+	got := m.Predict(s, 300, 100, &p, now).E2E
+	t.Logf("40 observations after a 3× slowdown: predicted %v, true %v; %d changes detected", got, want, m.Stats().Changes)
+	if e := math.Abs(got.Seconds()-want.Seconds()) / want.Seconds(); e > 0.25 {
+		t.Fatalf("predicted %v, true %v (%.0f%% off) 40 observations after the change", got, want, 100*e)
+	}
+}
