@@ -132,13 +132,13 @@ const (
 
 // rls is a recursive-least-squares fit of y = θ·x with forgetting factor λ.
 type rls struct {
-	theta [modelDims]float64
-	p     [modelDims][modelDims]float64
-	p0    [modelDims]float64 // initial diagonal, for the windup cap
-	scale [eqKinds]float64   // running mean absolute residual per equation kind
-	ymag  [eqKinds]float64   // running mean absolute target per equation kind
-	bias  [eqKinds]float64   // running mean of the scaled, signed residuals
-	resets int64             // covariance resets on a detected change
+	theta  [modelDims]float64
+	p      [modelDims][modelDims]float64
+	p0     [modelDims]float64 // initial diagonal, for the windup cap
+	scale  [eqKinds]float64   // running mean absolute residual per equation kind
+	ymag   [eqKinds]float64   // running mean absolute target per equation kind
+	bias   [eqKinds]float64   // running mean of the scaled, signed residuals
+	resets int64              // covariance resets on a detected change
 }
 
 func newRLS(pTTFT, pTPOT float64) rls {
