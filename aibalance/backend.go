@@ -23,8 +23,6 @@ type Backend struct {
 	maxRunning     atomic.Int64  // most requests seen past their first token at once: the batch seen so far (see LoadState.Beyond)
 	slots          atomic.Int64  // the engine's batch capacity, as observed saturated (see learnSlots, FirstToken); 0: unknown
 	slotsAt        atomic.Int64  // unix ns of the last evidence of it; it expires after staleAfter
-	fullAt         atomic.Int64  // the running count of the last scrapes that showed a queue
-	fullCount      atomic.Int64  // how many scrapes in a row showed it
 	e2eEWMA        atomic.Uint64 // float64 seconds: recent completion time of successful LLM requests
 
 	requests     atomic.Uint64 // attempts finished, any outcome
@@ -416,6 +414,7 @@ type BackendStats struct {
 	InflightTokens int64         `json:"inflight_tokens"`
 	Pending        int64         `json:"pending"`
 	MaxRunning     int64         `json:"max_running_seen"`
+	BatchCapacity  int64         `json:"batch_capacity"` // as observed saturated lately; 0: unknown
 	Requests       uint64        `json:"requests"`
 	Status2xx      uint64        `json:"status_2xx"`
 	Status4xx      uint64        `json:"status_4xx"`
@@ -444,6 +443,7 @@ func (b *Backend) Stats() BackendStats {
 		InflightTokens: b.inflightTokens.Load(),
 		Pending:        b.pending.Load(),
 		MaxRunning:     b.maxRunning.Load(),
+		BatchCapacity:  b.Slots(time.Now()),
 		Requests:       b.requests.Load(),
 		Status2xx:      b.status2xx.Load(),
 		Status4xx:      b.status4xx.Load(),

@@ -77,38 +77,20 @@ func (b *Backend) external(now time.Time) (waiting, running, kv float64, ok bool
 	return waiting, running, kv, true
 }
 
-// learnSlots learns the engine's batch capacity from what it reports: a
-// batch of R running with requests still waiting, on fullScrapes scrapes
-// in a row at the same R, means the engine is full at R (one sample often
-// catches requests between their arrival and the scheduler's next step);
-// R running with nothing waiting means it holds at least R. Only
-// saturation the engine reported lowers the estimate: what was not
-// observed is not assumed full.
+// learnSlots raises the known batch capacity when the engine reports a
+// larger batch running. It never lowers it: an engine's waiting count
+// includes requests that arrived during the current step (a long prefill
+// step holds them for tens of milliseconds), so a queue seen on a scrape
+// does not mean the batch is full. Saturation is learned from the waits
+// the balancer observes itself (see Attempt.FirstToken).
 func (b *Backend) learnSlots(m EngineMetrics) {
-	if !m.HasWaiting || !m.HasRunning || m.Running < 1 {
+	if !m.HasRunning {
 		return
 	}
-	r := int64(m.Running)
-	if m.Waiting > 0 {
-		if b.fullAt.Load() != r {
-			b.fullAt.Store(r)
-			b.fullCount.Store(0)
-		}
-		if b.fullCount.Add(1) >= fullScrapes {
-			b.setSlots(r, m.At)
-		}
-		return
-	}
-	b.fullAt.Store(0)
-	b.fullCount.Store(0)
-	if cur := b.slots.Load(); cur > 0 && r > cur {
+	if r := int64(m.Running); r > b.slots.Load() && b.slots.Load() > 0 {
 		b.setSlots(r, m.At)
 	}
 }
-
-// fullScrapes is how many scrapes in a row must show a queue behind the
-// same batch before the batch counts as full.
-const fullScrapes = 3
 
 // ClearEngine forgets the backend's engine metrics (its scraper stopped).
 func (b *Backend) ClearEngine() { b.engine.latest.Store(nil) }

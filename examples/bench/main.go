@@ -325,7 +325,8 @@ func printDetail(name string, recs []llmsim.Record, addrs []string, speeds []flo
 		s := llmsim.Summarize(mine, time.Second)
 		fmt.Printf("- %.2f×: %d requests, TTFT p50 %s p90 %s p99 %s max %s\n", speeds[i], len(mine), ms(s.TTFT.P50), ms(s.TTFT.P90), ms(s.TTFT.P99), ms(s.TTFT.Max))
 		if b, ok := aibalance.LookupBackend(a); ok {
-			fmt.Printf("  - model: %+v\n", b.Stats().Model)
+			st := b.Stats()
+			fmt.Printf("  - batch seen %d, capacity %d; model: %+v\n", st.MaxRunning, st.BatchCapacity, st.Model)
 		}
 	}
 	sort.Slice(recs, func(i, j int) bool { return recs[i].TTFT > recs[j].TTFT })
