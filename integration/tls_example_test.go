@@ -50,6 +50,15 @@ func TestTLSExample(t *testing.T) {
 		}
 		return res
 	}
+	// Caddy issues the internal certificate in the background at start
+	waitFor(t, func() bool {
+		res, err := client.Get(fmt.Sprintf("https://127.0.0.1:%d/health", listen))
+		if err != nil {
+			return false
+		}
+		res.Body.Close()
+		return true
+	})
 
 	res := post(false)
 	_, _ = io.Copy(io.Discard, res.Body)
