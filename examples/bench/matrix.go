@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"runtime"
 	"sort"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/aibalance/caddy-aibalance/aibalance"
 	"github.com/aibalance/caddy-aibalance/internal/harness"
 	"github.com/aibalance/caddy-aibalance/llmsim"
 )
@@ -171,6 +173,16 @@ func runOnce(o matrixOptions, c cell, p matrixPolicy, seed uint64) (runResult, e
 	res.side = side.Wait()
 
 	s := llmsim.Summarize(recs, o.measured)
+	if detail && p.ours {
+		for i, a := range pool.Addrs() {
+			if b, ok := aibalance.LookupBackend(a); ok {
+				st := b.Stats()
+				fmt.Fprintf(os.Stderr, "  engine %d (%s): batch seen %d, capacity %d, changes %d, mape %.2f, samples %d\n",
+					i, a, st.MaxRunning, st.BatchCapacity, st.Model.Changes, st.Model.MAPE, st.Model.Samples)
+				fmt.Fprintf(os.Stderr, "    %+v\n", st.Model)
+			}
+		}
+	}
 	ok := s.Requests - s.Errors
 	res.ttftP50, res.ttftP99, res.e2eP50, res.e2eP99 = s.TTFT.P50, s.TTFT.P99, s.E2E.P50, s.E2E.P99
 	res.errors, res.requests = s.Errors, s.Requests
