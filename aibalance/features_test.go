@@ -61,6 +61,13 @@ func TestAPIAndWork(t *testing.T) {
 			}
 		})
 	}
+	// any prompt text is at least one token
+	r0 := httptest.NewRequest("POST", "/v1/completions", strings.NewReader(`{"prompt":"ok","max_tokens":3}`))
+	f0 := new(Features)
+	ExtractFeatures(r0, DefaultFeatureConfig, f0)
+	if f0.PromptTokens != 1 {
+		t.Fatalf("a 2-character prompt counts %d tokens, want 1", f0.PromptTokens)
+	}
 	// embeddings cost their prompt only
 	r := httptest.NewRequest("POST", "/v1/embeddings", strings.NewReader(`{"input":"abcdabcd","model":"e"}`))
 	f := new(Features)

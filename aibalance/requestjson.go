@@ -211,7 +211,11 @@ func parseRequestJSON(buf []byte, rest int64, cfg FeatureConfig, f *Features) {
 	cpt := max(cfg.CharsPerToken, 1)
 	// the unread rest of a long body is almost all prompt text
 	chars := int64(s.chars) + rest
-	f.PromptTokens = int(chars/int64(cpt)) + s.tokens + 4*s.msgs
+	text := chars / int64(cpt)
+	if text == 0 && chars > 0 {
+		text = 1 // any prompt text is at least one token
+	}
+	f.PromptTokens = int(text) + s.tokens + 4*s.msgs
 }
 
 // output is the expected output of the request: its output limit (or

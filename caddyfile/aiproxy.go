@@ -114,7 +114,7 @@ func parseAIProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 		}
 		seg := d.NextSegment()
 		if seg[0].Text == "transport" && len(seg) > 1 && seg[1].Text != "aibalance" {
-			return nil, d.Errf("ai_proxy: transport %s would stop the balancer from measuring its backends; put the http transport options inside `transport aibalance { ... }`", seg[1].Text)
+			return nil, errAt(seg[0], "ai_proxy: transport %s would stop the balancer from measuring its backends; put the http transport options inside `transport aibalance { ... }`", seg[1].Text)
 		}
 		if _, ok := written[seg[0].Text]; !ok {
 			written[seg[0].Text] = seg[0]

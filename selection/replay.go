@@ -61,7 +61,7 @@ func (g *bodyGuard) allow(r *http.Request) bool {
 			r.Body = next
 			return true
 		}
-		if g.logger != nil {
+		if g.logger != nil && !b.s.warned.Swap(true) {
 			g.logger.Warn("not retrying: an earlier attempt sent part of the request body, which is larger than request_buffers; the client gets that attempt's answer. Raise request_buffers to retry bodies this large",
 				zap.Int64("content_length", r.ContentLength),
 				zap.Int64("request_buffers", g.requestBuffers),
@@ -92,8 +92,9 @@ func (g *bodyGuard) wholeBuffered(r *http.Request) bool {
 // request. state is the current attempt's generation times two, plus one
 // once that attempt read from the stream; then it is never handed over.
 type sharedBody struct {
-	rc    io.ReadCloser
-	state atomic.Uint64
+	rc     io.ReadCloser
+	state  atomic.Uint64
+	warned atomic.Bool // the refused retry was logged (once per request)
 }
 
 // attemptBody is one attempt's handle on a sharedBody. An earlier
