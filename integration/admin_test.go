@@ -34,14 +34,7 @@ func adminGet(t *testing.T, method, path string) (int, []byte) {
 func TestAdminUpstreams(t *testing.T) {
 	tester := caddytest.NewTester(t)
 	p := pool(t, llmsim.Config{}, llmsim.Config{Speed: 0.5})
-	listen := port(t)
-	tester.InitServer(fmt.Sprintf(`%s
-http://127.0.0.1:%d {
-	ai_proxy %s {
-		metrics_interval 100ms
-	}
-}`, globals, listen, upstreams(p)), "caddyfile")
-	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen)
+	url := aiProxy(t, tester, upstreams(p), "\t\tmetrics_interval 100ms") + "/v1/chat/completions"
 	waitFor(t, func() bool {
 		for _, a := range p.Addrs() {
 			b, ok := aibalance.LookupBackend(a)

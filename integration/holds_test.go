@@ -48,12 +48,7 @@ func TestSideTrafficDoesNotPoison(t *testing.T) {
 	tester := caddytest.NewTester(t)
 	speeds := []float64{1, 1, 0.6, 0.3}
 	p := pool(t, llmsim.Speeds(speeds...)...)
-	listen := port(t)
-	tester.InitServer(fmt.Sprintf(`%s
-http://127.0.0.1:%d {
-	ai_proxy %s
-}`, globals, listen, upstreams(p)), "caddyfile")
-	base := fmt.Sprintf("http://127.0.0.1:%d", listen)
+	base := aiProxy(t, tester, upstreams(p), "")
 	sideTraffic(t, base, 3)
 	for _, a := range p.Addrs() {
 		b, _ := aibalance.LookupBackend(a)
@@ -117,12 +112,7 @@ func TestFailingBackendsAvoided(t *testing.T) {
 	go func() { _ = limited.Serve(ln) }()
 	t.Cleanup(func() { _ = limited.Close() })
 	p := pool(t, llmsim.Config{}, llmsim.Config{Faults: llmsim.Faults{CutRate: 1}}, llmsim.Config{})
-	listen := port(t)
-	tester.InitServer(fmt.Sprintf(`%s
-http://127.0.0.1:%d {
-	ai_proxy %s %s
-}`, globals, listen, ln.Addr().String(), upstreams(p)), "caddyfile")
-	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen)
+	url := aiProxy(t, tester, ln.Addr().String()+" "+upstreams(p), "") + "/v1/chat/completions"
 	var mu sync.Mutex
 	var failed, cut int
 	jobs := make(chan int)
@@ -175,12 +165,7 @@ http://127.0.0.1:%d {
 func TestLateFairShare(t *testing.T) {
 	tester := caddytest.NewTester(t)
 	p := pool(t, llmsim.Config{}, llmsim.Config{})
-	listen := port(t)
-	tester.InitServer(fmt.Sprintf(`%s
-http://127.0.0.1:%d {
-	ai_proxy %s
-}`, globals, listen, upstreams(p)), "caddyfile")
-	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen)
+	url := aiProxy(t, tester, upstreams(p), "") + "/v1/chat/completions"
 	drive(t, url, 20, 1, 16)
 	before := []int64{p.Servers[0].Stats().Completed, p.Servers[1].Stats().Completed}
 	drive(t, url, 200, 24, 32)
@@ -242,12 +227,8 @@ func TestUpgradePassesThrough(t *testing.T) {
 	}
 	go func() { _ = echo.Serve(ln) }()
 	t.Cleanup(func() { _ = echo.Close() })
-	listen := port(t)
-	tester.InitServer(fmt.Sprintf(`%s
-http://127.0.0.1:%d {
-	ai_proxy %s
-}`, globals, listen, ln.Addr().String()), "caddyfile")
-	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", listen), 5*time.Second)
+	base := aiProxy(t, tester, ln.Addr().String(), "")
+	conn, err := net.DialTimeout("tcp", strings.TrimPrefix(base, "http://"), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/caddytest"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/aibalance/caddy-aibalance"
@@ -84,3 +85,16 @@ func drive(t *testing.T, url string, n, workers, maxTokens int) []llmsim.Result 
 }
 
 func upstreams(p *llmsim.Pool) string { return strings.Join(p.Addrs(), " ") }
+
+// aiProxy loads a config with one site, on a fresh loopback port, that runs
+// `ai_proxy <upstreams>` (with block, if not empty, as its block), and
+// returns the site's base URL.
+func aiProxy(t *testing.T, tester *caddytest.Tester, upstreams, block string) string {
+	t.Helper()
+	listen := port(t)
+	if block != "" {
+		block = " {\n" + block + "\n\t}"
+	}
+	tester.InitServer(fmt.Sprintf("%s\nhttp://127.0.0.1:%d {\n\tai_proxy %s%s\n}", globals, listen, upstreams, block), "caddyfile")
+	return fmt.Sprintf("http://127.0.0.1:%d", listen)
+}

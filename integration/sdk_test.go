@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,15 +36,11 @@ func TestRealSDKClients(t *testing.T) {
 	}
 	tester := caddytest.NewTester(t)
 	p := pool(t, llmsim.Config{}, llmsim.Config{})
-	listen := port(t)
-	tester.InitServer(fmt.Sprintf(`%s
-http://127.0.0.1:%d {
-	ai_proxy %s
-}`, globals, listen, upstreams(p)), "caddyfile")
+	base := aiProxy(t, tester, upstreams(p), "")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, node, "clients.mjs", fmt.Sprintf("http://127.0.0.1:%d", listen))
+	cmd := exec.CommandContext(ctx, node, "clients.mjs", base)
 	cmd.Dir = dir
 	cmd.Stderr = os.Stderr
 	raw, err := cmd.Output()

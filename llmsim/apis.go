@@ -244,22 +244,9 @@ const embeddingDims = 8
 // engine (one step's worth of compute, no decode) and gets a unit vector
 // derived from its text.
 func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
-	s.stats.requests.Add(1)
-	cfg := s.config()
-	if s.startingUp() {
-		openAIError(w, http.StatusServiceUnavailable, "service_unavailable", "the engine is starting up")
-		return
-	}
-	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
 	var req chatRequest
-	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-		s.stats.badRequests.Add(1)
-		openAIError(w, http.StatusBadRequest, "invalid_request_error", "invalid JSON body: "+err.Error())
-		return
-	}
-	if req.Model != "" && req.Model != cfg.Model {
-		s.stats.badRequests.Add(1)
-		openAIError(w, http.StatusNotFound, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model))
+	cfg, ok := s.admit(w, r, &req)
+	if !ok {
 		return
 	}
 	var inputs []string

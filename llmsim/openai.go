@@ -125,27 +125,38 @@ func promptText(req *chatRequest, api apiKind) (string, error) {
 	return "", fmt.Errorf("'prompt' must be a string or an array of strings")
 }
 
-func (s *Server) complete(w http.ResponseWriter, r *http.Request, api apiKind) {
+// admit counts a request, and reads and checks its body as every endpoint
+// does: 503 while starting up, 400/413 for a bad body, 404 for another
+// model. It reports whether the request may go on.
+func (s *Server) admit(w http.ResponseWriter, r *http.Request, req *chatRequest) (Config, bool) {
 	s.stats.requests.Add(1)
 	cfg := s.config()
 	if s.startingUp() {
 		openAIError(w, http.StatusServiceUnavailable, "service_unavailable", "the engine is starting up")
-		return
+		return cfg, false
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
-	var req chatRequest
-	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+	if err := json.NewDecoder(r.Body).Decode(req); err != nil {
 		s.stats.badRequests.Add(1)
 		status := http.StatusBadRequest
 		if _, ok := err.(*http.MaxBytesError); ok {
 			status = http.StatusRequestEntityTooLarge
 		}
 		openAIError(w, status, "invalid_request_error", "invalid JSON body: "+err.Error())
-		return
+		return cfg, false
 	}
 	if req.Model != "" && req.Model != cfg.Model {
 		s.stats.badRequests.Add(1)
 		openAIError(w, http.StatusNotFound, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model))
+		return cfg, false
+	}
+	return cfg, true
+}
+
+func (s *Server) complete(w http.ResponseWriter, r *http.Request, api apiKind) {
+	var req chatRequest
+	cfg, ok := s.admit(w, r, &req)
+	if !ok {
 		return
 	}
 	text, err := promptText(&req, api)
