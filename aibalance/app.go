@@ -161,14 +161,25 @@ func Load(ctx caddy.Context) (*App, error) {
 // policy or transport can take its references at Provision, before the old
 // config is cleaned up on a reload. It returns nil outside a reverse_proxy.
 func HandlerUpstreams(ctx caddy.Context) []string {
+	h := Handler(ctx)
+	if h == nil {
+		return nil
+	}
+	addrs := make([]string, 0, len(h.Upstreams))
+	for _, u := range h.Upstreams {
+		addrs = append(addrs, u.Dial)
+	}
+	return addrs
+}
+
+// Handler returns the reverse_proxy handler that is provisioning the
+// current module (the nearest one among ctx's module ancestry), or nil
+// outside one.
+func Handler(ctx caddy.Context) *reverseproxy.Handler {
 	mods := ctx.Modules()
 	for i := len(mods) - 1; i >= 0; i-- {
 		if h, ok := mods[i].(*reverseproxy.Handler); ok {
-			addrs := make([]string, 0, len(h.Upstreams))
-			for _, u := range h.Upstreams {
-				addrs = append(addrs, u.Dial)
-			}
-			return addrs
+			return h
 		}
 	}
 	return nil

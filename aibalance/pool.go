@@ -9,7 +9,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 )
 
 // Pool is what belongs to one pool of engines — a reverse_proxy handler's
@@ -105,22 +104,14 @@ func ReleasePool(key string) { _, _ = pools.Delete(key) }
 // dynamic upstream source's config. Every module of one handler (policy,
 // transport) gets the same key, and a reload of the same config too.
 func HandlerPoolKey(ctx caddy.Context) string {
-	mods := ctx.Modules()
-	for i := len(mods) - 1; i >= 0; i-- {
-		h, ok := mods[i].(*reverseproxy.Handler)
-		if !ok {
-			continue
-		}
-		if len(h.Upstreams) == 0 && len(h.DynamicUpstreamsRaw) > 0 {
-			return "dynamic:" + string(h.DynamicUpstreamsRaw)
-		}
-		addrs := make([]string, 0, len(h.Upstreams))
-		for _, u := range h.Upstreams {
-			addrs = append(addrs, u.Dial)
-		}
-		return "static:" + strings.Join(addrs, " ")
+	h := Handler(ctx)
+	if h == nil {
+		return "standalone"
 	}
-	return "standalone"
+	if len(h.Upstreams) == 0 && len(h.DynamicUpstreamsRaw) > 0 {
+		return "dynamic:" + string(h.DynamicUpstreamsRaw)
+	}
+	return "static:" + strings.Join(HandlerUpstreams(ctx), " ")
 }
 
 // poolVarKey holds the request's *Pool, set by the policy that chose the

@@ -75,20 +75,12 @@ func TestRetryNeverTruncatesBody(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			busy, busyAddr := startCounting(t, http.StatusTooManyRequests)
 			ok, okAddr := startCounting(t, http.StatusOK)
-			listen := port(t)
-			tester.InitServer(fmt.Sprintf(`%s
-http://127.0.0.1:%d {
-	ai_proxy %s %s {
-		weights 1000 1
-		choose all
-		engine none
-	}
-}`, globals, listen, busyAddr, okAddr), "caddyfile")
+			base := aiProxy(t, tester, busyAddr+" "+okAddr, "\t\tweights 1000 1\n\t\tchoose all\n\t\tengine none")
 			var body io.Reader = bytes.NewReader(bytes.Repeat([]byte("x"), int(tc.size)))
 			if tc.chunked {
 				body = chunked{body}
 			}
-			req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen), body)
+			req, err := http.NewRequest(http.MethodPost, base+"/v1/chat/completions", body)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -126,18 +118,9 @@ func TestDialErrorRetriesUnbufferedBody(t *testing.T) {
 	tester := caddytest.NewTester(t)
 	ok, okAddr := startCounting(t, http.StatusOK)
 	dead := fmt.Sprintf("127.0.0.1:%d", port(t))
-	listen := port(t)
-	tester.InitServer(fmt.Sprintf(`%s
-http://127.0.0.1:%d {
-	ai_proxy %s %s {
-		weights 1000 1
-		choose all
-		engine none
-		request_buffers 0
-	}
-}`, globals, listen, dead, okAddr), "caddyfile")
+	base := aiProxy(t, tester, dead+" "+okAddr, "\t\tweights 1000 1\n\t\tchoose all\n\t\tengine none\n\t\trequest_buffers 0")
 	const size = 3 << 20
-	res, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen), "application/json", chunked{bytes.NewReader(make([]byte, size))})
+	res, err := http.Post(base+"/v1/chat/completions", "application/json", chunked{bytes.NewReader(make([]byte, size))})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -107,13 +107,8 @@ func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 	if p.clock == nil {
 		p.clock = time.Now
 	}
-	if err := checkWeights(ctx, "ai_predictive", p.Weights, true); err != nil {
-		return err
-	}
-	warnWithoutTransport(ctx, "ai_predictive")
-	p.body = newBodyGuard(ctx)
 	var err error
-	p.app, p.pool, err = provisionStore(ctx, &p.set, p.Weights)
+	p.app, p.pool, p.body, err = provisionLearning(ctx, "ai_predictive", &p.set, p.Weights)
 	return err
 }
 
@@ -265,13 +260,8 @@ func (*LeastTokensSelection) CaddyModule() caddy.ModuleInfo {
 // weights the handler's upstreams cannot match, and warns when the
 // handler's transport is not aibalance (no tokens counted).
 func (p *LeastTokensSelection) Provision(ctx caddy.Context) error {
-	if err := checkWeights(ctx, "least_tokens", p.Weights, true); err != nil {
-		return err
-	}
-	warnWithoutTransport(ctx, "least_tokens")
-	p.body = newBodyGuard(ctx)
 	var err error
-	p.app, p.pool, err = provisionStore(ctx, &p.set, p.Weights)
+	p.app, p.pool, p.body, err = provisionLearning(ctx, "least_tokens", &p.set, p.Weights)
 	return err
 }
 
@@ -392,13 +382,22 @@ func (p *WeightedLeastConnSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) 
 	return nil
 }
 
-// provisionStore loads the aibalance app, takes references to the
-// handler's static upstreams before the old config lets go of them, and
-// takes the handler's pool, giving it the weights by address.
-func provisionStore(ctx caddy.Context, set *aibalance.BackendSet, weights []int) (*aibalance.App, *aibalance.Pool, error) {
+// provisionLearning is the Provision of the policies that learn from
+// transport aibalance: it refuses weights the handler's upstreams cannot
+// match, warns when the transport is another, reads the handler's
+// request_buffers for the retry guard, loads the aibalance app, takes
+// references to the handler's static upstreams before the old config lets
+// go of them, and takes the handler's pool, giving it the weights by
+// address.
+func provisionLearning(ctx caddy.Context, policy string, set *aibalance.BackendSet, weights []int) (*aibalance.App, *aibalance.Pool, bodyGuard, error) {
+	if err := checkWeights(ctx, policy, weights, true); err != nil {
+		return nil, nil, bodyGuard{}, err
+	}
+	warnWithoutTransport(ctx, policy)
+	guard := newBodyGuard(ctx)
 	app, err := aibalance.Load(ctx)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, guard, err
 	}
 	addrs := aibalance.HandlerUpstreams(ctx)
 	for _, addr := range addrs {
@@ -413,7 +412,7 @@ func provisionStore(ctx caddy.Context, set *aibalance.BackendSet, weights []int)
 		}
 	}
 	pool.SetWeights(byAddr)
-	return app, pool, nil
+	return app, pool, guard, nil
 }
 
 // checkWeights refuses weights the handler's upstreams cannot match: more
@@ -423,7 +422,7 @@ func provisionStore(ctx caddy.Context, set *aibalance.BackendSet, weights []int)
 // upstreams have none. It runs at Provision because the policy's own
 // Caddyfile block cannot see the upstreams.
 func checkWeights(ctx caddy.Context, policy string, weights []int, needStatic bool) error {
-	h := handlerOf(ctx)
+	h := aibalance.Handler(ctx)
 	if h == nil || len(weights) == 0 {
 		return nil
 	}
@@ -441,7 +440,7 @@ func checkWeights(ctx caddy.Context, policy string, weights []int, needStatic bo
 // transport aibalance runs without it: it would silently degrade to
 // counting Caddy's requests. The warning shows in `caddy validate`.
 func warnWithoutTransport(ctx caddy.Context, policy string) {
-	h := handlerOf(ctx)
+	h := aibalance.Handler(ctx)
 	if h == nil {
 		return
 	}

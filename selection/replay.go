@@ -8,7 +8,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
 
 	"github.com/aibalance/caddy-aibalance/aibalance"
@@ -41,7 +40,7 @@ type bodyGuard struct {
 // provisioned.
 func newBodyGuard(ctx caddy.Context) bodyGuard {
 	g := bodyGuard{logger: ctx.Logger()}
-	if h := handlerOf(ctx); h != nil {
+	if h := aibalance.Handler(ctx); h != nil {
 		g.requestBuffers = h.RequestBuffers
 	}
 	return g
@@ -140,16 +139,4 @@ func (b *attemptBody) handOver() (*attemptBody, bool) {
 		return nil, false
 	}
 	return &attemptBody{s: b.s, gen: (st + 2) >> 1}, true
-}
-
-// handlerOf returns the reverse_proxy handler that is provisioning the
-// current module, or nil outside one.
-func handlerOf(ctx caddy.Context) *reverseproxy.Handler {
-	mods := ctx.Modules()
-	for i := len(mods) - 1; i >= 0; i-- {
-		if h, ok := mods[i].(*reverseproxy.Handler); ok {
-			return h
-		}
-	}
-	return nil
 }

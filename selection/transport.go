@@ -69,9 +69,9 @@ type Transport struct {
 	set   aibalance.BackendSet
 	pool  *aibalance.Pool // the handler's, for requests no policy of ours routed
 	clock func() time.Time
-	// requestBuffers is the handler's request_buffers: bodies it buffers
-	// whole are given to each attempt afresh, so the transport may read them
-	requestBuffers int64
+	// body knows the handler's request_buffers: bodies it buffers whole
+	// are given to each attempt afresh, so the transport may read them
+	body bodyGuard
 
 	scrape  healthcheck.ScrapeConfig
 	client  *http.Client
@@ -103,13 +103,8 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 	if t.clock == nil {
 		t.clock = time.Now
 	}
-	for _, addr := range aibalance.HandlerUpstreams(ctx) {
-		t.set.Get(addr)
-	}
 	t.pool = aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
-	if h := handlerOf(ctx); h != nil {
-		t.requestBuffers = h.RequestBuffers
-	}
+	t.body = newBodyGuard(ctx)
 	t.logger = ctx.Logger()
 	t.scrape = healthcheck.ScrapeConfig{
 		Engine:   t.Engine,
@@ -127,6 +122,7 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 	// scrapes share the proxy's connection settings and TLS
 	t.client = &http.Client{Transport: t.HTTPTransport.Transport}
 	for _, addr := range aibalance.HandlerUpstreams(ctx) {
+		t.set.Get(addr)
 		t.pool.AddMember(addr)
 		t.scrapeOnce(addr)
 	}
@@ -248,14 +244,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // another policy, the body's own when Caddy buffered it whole (it then
 // gives every attempt a fresh reader of its buffer); or the path's alone.
 func (t *Transport) features(req *http.Request) *aibalance.Features {
-	cfg := t.app.FeatureConfig()
-	if f := aibalance.CachedFeatures(req); f != nil {
-		return f
+	// both return the features already cached in the request's vars
+	if req.ContentLength > 0 && t.body.wholeBuffered(req) {
+		return aibalance.RequestFeatures(req, t.app.FeatureConfig())
 	}
-	if t.requestBuffers != 0 && req.ContentLength > 0 && (t.requestBuffers < 0 || req.ContentLength < t.requestBuffers) {
-		return aibalance.RequestFeatures(req, cfg)
-	}
-	return aibalance.HeaderFeatures(req, cfg)
+	return aibalance.HeaderFeatures(req, t.app.FeatureConfig())
 }
 
 // UnmarshalCaddyfile sets up the transport from Caddyfile tokens. It takes
