@@ -148,7 +148,6 @@ type Attempt struct {
 	pending   bool    // counted as pending (a stream without its first token yet)
 	predTTFT  float64 // predicted TTFT at dispatch, seconds, with no wait for a slot
 	work      bool    // LLM work: may teach the model
-	stream    bool
 }
 
 // Begin records a request sent to the backend: it is counted in flight (with
@@ -157,7 +156,7 @@ type Attempt struct {
 // never counts as pending.
 func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
 	s := b.State(now)
-	a := Attempt{b: b, state: s, prompt: f.PromptTokens, start: now, work: f.Work(), stream: f.Stream}
+	a := Attempt{b: b, state: s, prompt: f.PromptTokens, start: now, work: f.Work()}
 	if a.work {
 		p := b.model.Predict(s, f.PromptTokens, f.OutputTokens, prior, now)
 		a.predicted = p.E2E

@@ -31,9 +31,8 @@ type engineState struct {
 }
 
 type engineSample struct {
-	m        EngineMetrics
-	maxAge   time.Duration
-	received time.Time
+	m      EngineMetrics
+	maxAge time.Duration
 	// what this balancer itself had at the backend when the sample came:
 	// the rest of the engine's load is other clients' (other Caddy
 	// instances, direct users), which persists between scrapes, while our
@@ -49,7 +48,7 @@ func (b *Backend) SetEngine(m EngineMetrics, maxAge time.Duration) {
 	}
 	pending := float64(b.pending.Load())
 	running := max(float64(b.inflight.Load())-pending, 0)
-	b.engine.latest.Store(&engineSample{m: m, maxAge: maxAge, received: m.At, ownPending: pending, ownRunning: running})
+	b.engine.latest.Store(&engineSample{m: m, maxAge: maxAge, ownPending: pending, ownRunning: running})
 	b.learnSlots(m)
 }
 
@@ -57,10 +56,7 @@ func (b *Backend) SetEngine(m EngineMetrics, maxAge time.Duration) {
 // balancer's own requests: other clients' queue and batch.
 func (b *Backend) external(now time.Time) (waiting, running, kv float64, ok bool) {
 	s := b.engine.latest.Load()
-	if s == nil {
-		return 0, 0, 0, false
-	}
-	if _, fresh := b.Engine(now); !fresh {
+	if s == nil || !s.fresh(now) {
 		return 0, 0, 0, false
 	}
 	if s.m.HasWaiting {
@@ -103,6 +99,12 @@ func (b *Backend) Engine(now time.Time) (m EngineMetrics, fresh bool) {
 	if s == nil {
 		return EngineMetrics{}, false
 	}
+	return s.m, s.fresh(now)
+}
+
+// fresh reports whether the sample may be used for routing at now: not
+// older than its maxAge (nor from the future), and made of numbers.
+func (s *engineSample) fresh(now time.Time) bool {
 	age := now.Sub(s.m.At)
-	return s.m, age <= s.maxAge && age >= -time.Second && !math.IsNaN(s.m.Waiting+s.m.Running+s.m.KVUsage)
+	return age <= s.maxAge && age >= -time.Second && !math.IsNaN(s.m.Waiting+s.m.Running+s.m.KVUsage)
 }

@@ -373,67 +373,77 @@ func (m *Model) Predict(s LoadState, promptTokens, outputTokens int, prior *Prio
 
 // PredictSeconds is Predict's TTFT and time per output token in seconds.
 func (m *Model) PredictSeconds(s LoadState, promptTokens int, prior *Prior, now time.Time) (ttft, tpot float64) {
-	ttft, _ = m.Score(s, promptTokens, 0, 1, prior, now)
-	tpot, _ = m.Score(s, promptTokens, 1, 0, prior, now)
-	return ttft, tpot
+	e := m.estimate(s, promptTokens, prior, now)
+	return e.ttft, e.tpot
 }
 
 // Score predicts ttftFactor·TTFT + outputTokens·TPOT of a request on a
 // backend in state s, in seconds, and the standard deviation of that
 // prediction: what a policy compares (see the exploration note above).
 func (m *Model) Score(s LoadState, promptTokens int, outputTokens, ttftFactor float64, prior *Prior, now time.Time) (mean, sd float64) {
+	e := m.estimate(s, promptTokens, prior, now)
+	mean = ttftFactor*e.ttft + outputTokens*e.tpot
+	priorMean := ttftFactor*e.priorTTFT + outputTokens*e.priorTPOT
+	if e.fit == nil {
+		return mean, priorMean // know nothing: as uncertain as it is large
+	}
+	q := query(s, promptTokens, ttftFactor, outputTokens)
+	sd = e.w*math.Sqrt(e.fit.variance(&q)) + (1-e.w)*priorMean
+	return mean, sd
+}
+
+// estimate is a point prediction and what it was blended from.
+type estimate struct {
+	ttft, tpot           float64 // the prediction, seconds: the fit's, blended toward the prior by 1-w
+	priorTTFT, priorTPOT float64 // the pool's prior for this backend's load
+	w                    float64 // trust in the fit: samples seen, staleness
+	fit                  *fit    // nil: nothing learned, the prediction is the prior
+}
+
+// estimate predicts TTFT and TPOT of a request on a backend in state s.
+//
+// The fit's coefficients are used as they are, unconstrained: clamping
+// them (in the recursion or when predicting) breaks the least-squares
+// bookkeeping and, with correlated inputs (pending requests and their
+// tokens), drags the others off. An error that makes a backend look faster
+// attracts traffic and is corrected by what that traffic teaches; one that
+// makes it look slower is what the optimism of Optimistic is for.
+func (m *Model) estimate(s LoadState, promptTokens int, prior *Prior, now time.Time) estimate {
 	pTTFT, pTPOT := prior.values()
 	load := s.Inflight + 1
 	// the prior: pool averages, scaled by this backend's own load, so that
 	// unknown backends are tried but fill up quickly in the model's eyes
-	priorTTFT := (pTTFT*load*(1+float64(promptTokens)/4000) + queueing(s))
-	priorTPOT := pTPOT * load
-	priorMean := ttftFactor*priorTTFT + outputTokens*priorTPOT
-
+	e := estimate{
+		priorTTFT: pTTFT*load*(1+float64(promptTokens)/4000) + queueing(s),
+		priorTPOT: pTPOT * load,
+	}
 	f := m.published.Load()
 	n := m.samples.Load()
 	if f == nil || n == 0 {
-		return priorMean, priorMean // know nothing: as uncertain as it is large
+		e.ttft, e.tpot = e.priorTTFT, e.priorTPOT
+		return e
 	}
-	q := query(s, promptTokens, ttftFactor, outputTokens)
+	xt, xp := ttftFeatures(s, promptTokens), tpotFeatures(s)
 	var ttft, tpot float64
-	for i := 0; i < ttftDims; i++ {
-		ttft += predictCoef(f, i) * q[i]
+	for i, v := range xt {
+		ttft += f.theta[i] * v
 	}
-	if ttftFactor != 0 {
-		ttft /= ttftFactor
-	}
-	for i := ttftDims; i < modelDims; i++ {
-		tpot += predictCoef(f, i) * q[i]
-	}
-	if outputTokens != 0 {
-		tpot /= outputTokens
+	for i, v := range xp {
+		tpot += f.theta[ttftDims+i] * v
 	}
 	// a fit never predicts a backend much faster than the pool's idle best
 	ttft = max(ttft, 0.05*pTTFT) + queueing(s)
 	tpot = max(tpot, 0.05*pTPOT)
-	mean = ttftFactor*ttft + outputTokens*tpot
-	sd = math.Sqrt(f.variance(&q))
 
-	w := min(float64(n)/warmupSamples, 1)
+	e.fit = f
+	e.w = min(float64(n)/warmupSamples, 1)
 	if age := now.UnixNano() - m.lastSeen.Load(); age > int64(staleAfter) {
-		w *= max(float64(staleAfter)/float64(age), minStaleTrust)
+		e.w *= max(float64(staleAfter)/float64(age), minStaleTrust)
 	}
-	if w < 1 {
-		mean = w*mean + (1-w)*priorMean
-		sd = w*sd + (1-w)*priorMean
-	}
-	return mean, sd
+	e.ttft = e.w*ttft + (1-e.w)*e.priorTTFT
+	e.tpot = e.w*tpot + (1-e.w)*e.priorTPOT
+	return e
 }
-
-// predictCoef is coefficient i as predictions use it: the fit's own. It is
-// unconstrained: clamping coefficients (in the recursion or when
-// predicting) breaks the least-squares bookkeeping and, with correlated
-// inputs (pending requests and their tokens), drags the others off. An
-// error that makes a backend look faster attracts traffic and is corrected
-// by what that traffic teaches; one that makes it look slower is what the
-// optimism below is for.
-func predictCoef(f *fit, i int) float64 { return f.theta[i] }
 
 // Optimistic is the score a policy ranks by: the prediction less one
 // standard deviation, never below (1-maxOptimism) of the prediction.
