@@ -279,6 +279,10 @@ func BenchmarkSelect(b *testing.B) {
 		predAll := newPredictive(2, true)
 		lt := newLeastTokens()
 		wlc := &WeightedLeastConnSelection{}
+		// as under ai_proxy (request_buffers 16MiB): Caddy replays the
+		// body, so the retry guard leaves it alone
+		buffered := bodyGuard{requestBuffers: 16 << 20}
+		pred.body, predAll.body, lt.body, wlc.body = buffered, buffered, buffered, buffered
 		for _, s := range []struct {
 			name string
 			sel  reverseproxy.Selector
