@@ -478,7 +478,7 @@ type recentRate struct {
 
 const (
 	recentBuckets = 16
-	recentWindow  = 10 // seconds summed, the current (partial) one excluded
+	recentWindow  = 10 // seconds summed, the current one included
 )
 
 func (r *recentRate) add(now time.Time) {
@@ -490,12 +490,15 @@ func (r *recentRate) add(now time.Time) {
 	r.count[i].Add(1)
 }
 
-// perSecond is the mean requests per second over the last full seconds.
+// perSecond is the mean requests per second over the last recentWindow
+// seconds, the current one included: a burst that started this second
+// already shows (shares of it are right at once; the rate itself is low by
+// the part of the second still to come).
 func (r *recentRate) perSecond(now time.Time) float64 {
 	sec := now.Unix()
 	var n int64
 	for i := range r.sec {
-		if s := r.sec[i].Load(); s < sec && s >= sec-recentWindow {
+		if s := r.sec[i].Load(); s <= sec && s > sec-recentWindow {
 			n += r.count[i].Load()
 		}
 	}

@@ -257,3 +257,19 @@ func TestSlotsFromObservedWaits(t *testing.T) {
 	}
 	_ = running
 }
+
+// TestRecentRateShowsABurstAtOnce: requests of the current second count,
+// so the admin view's shares are right right after a burst begins.
+func TestRecentRateShowsABurstAtOnce(t *testing.T) {
+	var r recentRate
+	now := time.Unix(1000, 500_000_000)
+	for i := 0; i < 20; i++ {
+		r.add(now)
+	}
+	if got := r.perSecond(now); got != 2 {
+		t.Fatalf("20 requests this second: %.1f/s over the 10 s window, want 2", got)
+	}
+	if got := r.perSecond(now.Add(10 * time.Second)); got != 0 {
+		t.Fatalf("after the window: %.1f/s", got)
+	}
+}
