@@ -79,8 +79,9 @@ type UpstreamView struct {
 	// FailureRate is the recent share of attempts that failed through the
 	// upstream's fault (decays over about 20 s).
 	FailureRate float64 `json:"failure_rate"`
-	// RecentRate is requests per second sent to the upstream over the last
-	// ten seconds; RecentShare is its part of its pool's.
+	// RecentRate is LLM requests per second sent to the upstream over the
+	// last ten seconds (probes, listings and unreadable requests are not
+	// counted); RecentShare is its part of its pool's.
 	RecentRate  float64      `json:"recent_requests_per_s"`
 	RecentShare float64      `json:"recent_share"`
 	Counters    BackendStats `json:"counters"`

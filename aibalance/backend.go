@@ -20,7 +20,8 @@ type Backend struct {
 	pending        atomic.Int64  // streams in flight without a first token yet
 	pendingTokens  atomic.Int64  // their prompt tokens
 	pendingSince   atomic.Int64  // sum of their start times, µs since epoch (mean age = now - sum/pending)
-	maxRunning     atomic.Int64  // most requests seen past their first token at once: the batch seen so far (see LoadState.Beyond)
+	streaming      atomic.Int64  // streams in flight past their first token
+	maxRunning     atomic.Int64  // most streams seen past their first token at once: the batch seen so far (see LoadState.Beyond)
 	slots          atomic.Int64  // the engine's batch capacity, as observed saturated (see learnSlots, FirstToken); 0: unknown
 	slotsAt        atomic.Int64  // unix ns of the last evidence of it; it expires after staleAfter
 	e2eEWMA        atomic.Uint64 // float64 seconds: recent completion time of successful LLM requests
@@ -146,6 +147,7 @@ type Attempt struct {
 	predicted time.Duration
 	start     time.Time
 	pending   bool    // counted as pending (a stream without its first token yet)
+	running   bool    // counted in streaming (a stream past its first token)
 	predTTFT  float64 // predicted TTFT at dispatch, seconds, with no wait for a slot
 	work      bool    // LLM work: may teach the model
 }
@@ -163,7 +165,9 @@ func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
 		a.predTTFT = max(p.TTFT.Seconds()-s.QueueWait, 0)
 	}
 	a.tokens = int64(f.Tokens())
-	b.recent.add(now)
+	if a.work {
+		b.recent.add(now)
+	}
 	b.inflight.Add(1)
 	b.inflightTokens.Add(a.tokens)
 	if f.Stream {
@@ -193,7 +197,11 @@ func (a *Attempt) FirstToken(now time.Time) {
 	}
 	a.release()
 	b := a.b
-	running := b.inflight.Load() - b.pending.Load()
+	// the batch as far as seen: streams past their first token. A
+	// non-streaming request in flight may still wait in the engine's
+	// queue, so it is no evidence of a batch that large.
+	a.running = true
+	running := b.streaming.Add(1)
 	seen := b.maxRunning.Load()
 	for {
 		m := b.maxRunning.Load()
@@ -279,6 +287,10 @@ func (o Outcome) Failed() bool {
 func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 	b := a.b
 	a.release()
+	if a.running {
+		a.running = false
+		b.streaming.Add(-1)
+	}
 	b.inflight.Add(-1)
 	b.inflightTokens.Add(-a.tokens)
 	b.requests.Add(1)

@@ -273,3 +273,24 @@ func TestRecentRateShowsABurstAtOnce(t *testing.T) {
 		t.Fatalf("after the window: %.1f/s", got)
 	}
 }
+
+// TestBatchSeenCountsStreams: non-streaming requests in flight may wait in
+// the engine's queue, so they do not make the batch seen larger; streams
+// past their first token do.
+func TestBatchSeenCountsStreams(t *testing.T) {
+	var prior Prior
+	b := newBackend("batch-seen")
+	now := time.Unix(1000, 0)
+	for i := 0; i < 6; i++ {
+		b.Begin(work(false), &prior, now) // six non-streaming, in flight
+	}
+	s := b.Begin(work(true), &prior, now)
+	s.FirstToken(now)
+	if got := b.Stats().MaxRunning; got != 1 {
+		t.Fatalf("batch seen %d with one stream running and six non-streaming requests in flight, want 1", got)
+	}
+	s.End(Outcome{Status: 200, Stream: true, TTFT: time.Millisecond, E2E: time.Second, OutputTokens: 5}, 0.99, &prior, now)
+	if b.streaming.Load() != 0 {
+		t.Fatal("an ended stream still counts as running")
+	}
+}
