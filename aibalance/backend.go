@@ -43,10 +43,13 @@ type Backend struct {
 	headerNanos  atomic.Int64
 	retryAfter   atomic.Int64 // unix ns until which the backend asked not to be sent more (429/503 Retry-After)
 
-	fails  failureRate
-	recent recentRate
-	model  Model
-	engine engineState
+	fails    failureRate
+	recent   recentRate
+	model    Model
+	engine   engineState
+	breaker  atomic.Pointer[breakerBox]   // see Breaker
+	rampFrom atomic.Int64                 // unix ns a slow start began; 0: none (see Ramp)
+	models   atomic.Pointer[ServedModels] // from /v1/models; nil: unknown
 }
 
 // epoch is the origin of pendingSince: offsets from it, in microseconds,
@@ -118,6 +121,23 @@ func (b *Backend) Cooldown() time.Time {
 		return time.Unix(0, ra)
 	}
 	return time.Time{}
+}
+
+// CoolDown takes the backend out until until (a 429 or 503 asked for a
+// pause). A later, shorter cooldown never shortens a running one. The
+// backend's slow start begins when it ends.
+func (b *Backend) CoolDown(until time.Time) {
+	u := until.UnixNano()
+	for {
+		cur := b.retryAfter.Load()
+		if u <= cur {
+			return
+		}
+		if b.retryAfter.CompareAndSwap(cur, u) {
+			b.rampFrom.Store(u)
+			return
+		}
+	}
 }
 
 // CoolingDown reports whether the backend asked, with Retry-After, not to
@@ -252,6 +272,13 @@ func (a *Attempt) release() {
 	a.b.pendingTokens.Add(-int64(a.prompt))
 }
 
+// Backend is the backend the attempt went to.
+func (a *Attempt) Backend() *Backend { return a.b }
+
+// Predicted is the model's completion time predicted at dispatch (0 for
+// requests that are not LLM work).
+func (a *Attempt) Predicted() time.Duration { return a.predicted }
+
 // Start is when the attempt began.
 func (a *Attempt) Start() time.Time { return a.start }
 
@@ -317,14 +344,7 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 		b.streamErrors.Add(1)
 	}
 	if o.RetryAfter > 0 {
-		// a later, shorter Retry-After never shortens a running cooldown
-		until := now.Add(o.RetryAfter).UnixNano()
-		for {
-			cur := b.retryAfter.Load()
-			if until <= cur || b.retryAfter.CompareAndSwap(cur, until) {
-				break
-			}
-		}
+		b.CoolDown(now.Add(o.RetryAfter))
 	}
 	failed := o.Failed()
 	if failed || (a.work && o.Status >= 200 && o.Status < 300 && !o.Canceled) {

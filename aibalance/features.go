@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
@@ -116,6 +117,10 @@ type Features struct {
 	// for a reasoning request), times n / best_of (at most 128). Zero for
 	// embeddings and rerank.
 	OutputTokens int
+	// OutputLimit is the output limit the request set itself
+	// (max_completion_tokens, max_output_tokens or max_tokens, times its
+	// choices); 0 when it set none.
+	OutputLimit int
 	// Stream is true when the client asked for server-sent events.
 	Stream bool
 	// Parsed is true when the body was read as a JSON object.
@@ -124,6 +129,17 @@ type Features struct {
 	Truncated bool
 	// Tried is the upstreams this request was already sent to (see Tried).
 	Tried Tried
+	// Selects counts the policy's calls for this request (one per attempt
+	// of Caddy's proxy loop, including those that found no upstream);
+	// Start is the first one's time. Together with the handler's retry
+	// settings they tell the last attempt (see selection's retryBudget).
+	Selects int
+	Start   time.Time
+	// Probe is the address whose half-open probe this request holds.
+	Probe string
+	// Reject, when set by the policy, is the answer the transport gives
+	// instead of proxying: no backend may serve the request.
+	Reject *Reject
 	// PrefixHashes[i] is the chain hash of the first (i+1) prompt blocks
 	// (at most MaxPrefixBlocks): equal hashes mean equal prefixes.
 	// Deterministic across processes.
@@ -173,7 +189,12 @@ func HeaderFeatures(r *http.Request, cfg FeatureConfig) *Features {
 	if f := CachedFeatures(r); f != nil {
 		return f
 	}
-	return &Features{API: apiOf(r), OutputTokens: cfg.DefaultOutputTokens}
+	f := &Features{API: apiOf(r), OutputTokens: cfg.DefaultOutputTokens}
+	if r.Context().Value(caddyhttp.VarsCtxKey) != nil {
+		// kept for the request's later attempts: they count as one request
+		caddyhttp.SetVar(r.Context(), featuresVarKey, f)
+	}
+	return f
 }
 
 // ExtractFeatures reads at most cfg.PeekBytes of r's body into f and gives the
@@ -200,7 +221,7 @@ func ExtractFeatures(r *http.Request, cfg FeatureConfig, f *Features) {
 	}
 	parseRequestJSON(buf, rest, cfg, f)
 	if f.API == APIEmbeddings || f.API == APIRerank {
-		f.OutputTokens = 0 // prompt cost only
+		f.OutputTokens, f.OutputLimit = 0, 0 // prompt cost only
 	}
 }
 

@@ -161,7 +161,7 @@ func TestExtractFeatures(t *testing.T) {
 			if !bytes.Equal(got, []byte(tc.body)) {
 				t.Fatalf("body changed: got %d bytes, want %d", len(got), len(tc.body))
 			}
-			f.PrefixHashes = nil
+			f.PrefixHashes, f.OutputLimit = nil, 0 // TestOutputLimit
 			tc.want.API = APIChat
 			if fmt.Sprintf("%+v", *f) != fmt.Sprintf("%+v", tc.want) {
 				t.Fatalf("got %+v\nwant %+v", *f, tc.want)

@@ -23,13 +23,17 @@ type Pool struct {
 	weights atomic.Pointer[map[string]float64]
 	last    atomic.Int64 // index+1 in the handler's upstream list of the previous winner
 	members sync.Map     // addr → struct{}: the upstreams the pool has routed to or was configured with
+	health  atomic.Pointer[HealthConfig]
 }
 
-// AddMember records that addr belongs to the pool.
-func (p *Pool) AddMember(addr string) {
-	if _, ok := p.members.Load(addr); !ok {
-		p.members.Store(addr, struct{}{})
+// AddMember records that addr belongs to the pool, reporting whether it
+// is new to it.
+func (p *Pool) AddMember(addr string) bool {
+	if _, ok := p.members.Load(addr); ok {
+		return false
 	}
+	_, loaded := p.members.LoadOrStore(addr, struct{}{})
+	return !loaded
 }
 
 // Members returns the pool's upstream addresses, sorted.

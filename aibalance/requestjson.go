@@ -205,6 +205,9 @@ func parseRequestJSON(buf []byte, rest int64, cfg FeatureConfig, f *Features) {
 		f.User = r.metadataUser
 	}
 	f.OutputTokens = r.output(cfg.DefaultOutputTokens)
+	if limit := r.limit(); limit > 0 {
+		f.OutputLimit = limit * min(max(r.n, r.bestOf, 1), maxChoices)
+	}
 	if s.hasher.n > 0 {
 		f.PrefixHashes = append([]uint64(nil), s.hasher.hashes[:s.hasher.n]...)
 	}
@@ -218,16 +221,21 @@ func parseRequestJSON(buf []byte, rest int64, cfg FeatureConfig, f *Features) {
 	f.PromptTokens = int(text) + s.tokens + 4*s.msgs
 }
 
+// limit is the request's own output limit, 0 when it sets none:
+// max_completion_tokens, else max_output_tokens, else max_tokens.
+func (r *requestFields) limit() int {
+	for _, l := range [...]int{r.maxCompletion, r.maxOutput, r.maxTokens} {
+		if l > 0 {
+			return l
+		}
+	}
+	return 0
+}
+
 // output is the expected output of the request: its output limit (or
 // def, or the reasoning reservation), times the completions it asks for.
 func (r *requestFields) output(def int) int {
-	limit := r.maxCompletion
-	if limit <= 0 {
-		limit = r.maxOutput
-	}
-	if limit <= 0 {
-		limit = r.maxTokens
-	}
+	limit := r.limit()
 	out := def
 	switch {
 	case limit > 0:

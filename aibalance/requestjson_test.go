@@ -184,6 +184,7 @@ func TestParseAPIShapes(t *testing.T) {
 				}
 				got := *f
 				got.PrefixHashes = nil
+				got.OutputLimit = 0 // TestOutputLimit
 				if fmt.Sprintf("%+v", got) != fmt.Sprintf("%+v", tc.want) {
 					t.Fatalf("%s:\ngot  %+v\nwant %+v", order, got, tc.want)
 				}
@@ -269,7 +270,7 @@ func TestGarbageAndTruncatedBodies(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := extractPath(t, tc.path, tc.body, DefaultFeatureConfig)
-			f.PrefixHashes = nil
+			f.PrefixHashes, f.OutputLimit = nil, 0
 			if fmt.Sprintf("%+v", *f) != fmt.Sprintf("%+v", tc.want) {
 				t.Fatalf("got  %+v\nwant %+v", *f, tc.want)
 			}
@@ -343,5 +344,26 @@ func BenchmarkWorstCaseBody(b *testing.B) {
 				ExtractFeatures(req, cfg, &f)
 			}
 		})
+	}
+}
+
+// TestOutputLimit: the limit a request sets itself, times its choices;
+// none when it sets none (the expected output is then a default, which
+// must not bound anything).
+func TestOutputLimit(t *testing.T) {
+	for _, tc := range []struct {
+		path, body string
+		want       int
+	}{
+		{"/v1/chat/completions", `{"messages":[],"max_tokens":300}`, 300},
+		{"/v1/chat/completions", `{"max_completion_tokens":70,"max_tokens":300}`, 70},
+		{"/v1/chat/completions", `{"max_tokens":100,"n":3}`, 300},
+		{"/v1/responses", `{"max_output_tokens":50}`, 50},
+		{"/v1/chat/completions", `{"messages":[]}`, 0},
+		{"/v1/embeddings", `{"input":"x","max_tokens":9}`, 0},
+	} {
+		if f := extractPath(t, tc.path, tc.body, DefaultFeatureConfig); f.OutputLimit != tc.want {
+			t.Errorf("%s %s: OutputLimit %d, want %d", tc.path, tc.body, f.OutputLimit, tc.want)
+		}
 	}
 }

@@ -3,6 +3,7 @@ package aibalance
 import (
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -99,4 +100,26 @@ func (s *BackendSet) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.held)
+}
+
+// RampNewcomers starts the slow start (see Backend.Ramp) of the backends
+// at addrs that have served nothing yet while another of them has: engines
+// joining a pool that is already serving (a reload that adds one, a new
+// dynamic member). At a cold start none has served, and none ramps.
+func (s *BackendSet) RampNewcomers(addrs []string, now time.Time) {
+	serving := false
+	for _, a := range addrs {
+		if s.Get(a).hasRequests() {
+			serving = true
+			break
+		}
+	}
+	if !serving {
+		return
+	}
+	for _, a := range addrs {
+		if b := s.Get(a); !b.hasRequests() && b.rampFrom.Load() == 0 {
+			b.StartRamp(now)
+		}
+	}
 }

@@ -2,6 +2,7 @@ package selection
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -52,6 +53,8 @@ type observedBody struct {
 	api     aibalance.API
 	sse     bool
 	outcome aibalance.Outcome
+	probe   bool               // the attempt holds a half-open probe
+	cancel  context.CancelFunc // the attempt's context (first-byte timer); nil: none
 	once    sync.Once
 
 	bytes   int64
@@ -130,7 +133,10 @@ func (o *observedBody) finish(err error) {
 			out.OutputTokens = -1
 		}
 		out.Stream = o.sse
-		o.att.End(out, o.t.app.Lambda(), o.prior, now)
+		o.t.end(&o.att, out, o.prior, o.probe, now)
+		if o.cancel != nil {
+			o.cancel()
+		}
 	})
 }
 

@@ -75,11 +75,8 @@ type AIPredictiveSelection struct {
 	TTFTWeight *float64 `json:"ttft_weight,omitempty"`
 
 	ttftWeight float64
-	app        *aibalance.App
-	set        aibalance.BackendSet
-	pool       *aibalance.Pool
-	body       bodyGuard
-	clock      func() time.Time
+	learner
+	clock func() time.Time
 }
 
 // DefaultTTFTWeight is ai_predictive's ttft_weight when none is set.
@@ -107,9 +104,7 @@ func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 	if p.clock == nil {
 		p.clock = time.Now
 	}
-	var err error
-	p.app, p.pool, p.body, err = provisionLearning(ctx, "ai_predictive", &p.set, p.Weights)
-	return err
+	return p.learner.provision(ctx, "ai_predictive", p.Weights)
 }
 
 // Validate checks the configuration.
@@ -151,8 +146,8 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 	if !p.body.allow(r) {
 		return nil
 	}
-	aibalance.SetRequestPool(r, p.pool)
 	now := p.clock()
+	c := p.begin(r, f, now)
 	prior := p.pool.Prior()
 	factor := 1.0
 	if f.Stream {
@@ -165,13 +160,15 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		// Caddy's own count covers requests proxied without our transport
 		s.Inflight = max(s.Inflight, float64(u.NumRequests()))
 		mean, sd := b.Model().Score(s, f.PromptTokens, out, factor, prior, now)
-		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
+		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / (p.pool.Weight(u.Dial) * c.ramp(b))
 	}
-	c := candidates{pool: p.pool, set: &p.set, now: now, tried: &f.Tried}
+	var best *reverseproxy.Upstream
 	if p.ChooseAll || len(pool) <= p.Choose {
-		return c.pick(pool, score, nil, 0)
+		best = c.pick(pool, score, nil, 0)
+	} else {
+		best = c.pick(pool, score, p.pool.Last(), p.Choose)
 	}
-	return c.pick(pool, score, p.pool.Last(), p.Choose)
+	return p.finish(&c, pool, best)
 }
 
 // maxFailureRate bounds the failure penalty at ×100.
@@ -242,10 +239,7 @@ type LeastTokensSelection struct {
 	// selects the upstream.
 	Weights []int `json:"weights,omitempty"`
 
-	app  *aibalance.App
-	set  aibalance.BackendSet
-	pool *aibalance.Pool
-	body bodyGuard
+	learner
 }
 
 // CaddyModule returns the Caddy module information.
@@ -260,9 +254,7 @@ func (*LeastTokensSelection) CaddyModule() caddy.ModuleInfo {
 // weights the handler's upstreams cannot match, and warns when the
 // handler's transport is not aibalance (no tokens counted).
 func (p *LeastTokensSelection) Provision(ctx caddy.Context) error {
-	var err error
-	p.app, p.pool, p.body, err = provisionLearning(ctx, "least_tokens", &p.set, p.Weights)
-	return err
+	return p.learner.provision(ctx, "least_tokens", p.Weights)
 }
 
 // Validate checks the configuration.
@@ -285,14 +277,18 @@ func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Re
 	if !p.body.allow(r) {
 		return nil
 	}
-	aibalance.SetRequestPool(r, p.pool)
 	now := time.Now()
-	c := candidates{pool: p.pool, set: &p.set, now: now, tried: &f.Tried}
-	return c.pick(pool, func(u *reverseproxy.Upstream) float64 {
-		_, tokens := p.set.Get(u.Dial).Inflight()
-		// requests break ties: a fraction of a token each
-		return (float64(tokens) + float64(u.NumRequests())/(1<<20)) / p.pool.Weight(u.Dial)
+	c := p.begin(r, f, now)
+	add := float64(f.Tokens())
+	best := c.pick(pool, func(u *reverseproxy.Upstream) float64 {
+		b := p.set.Get(u.Dial)
+		_, tokens := b.Inflight()
+		// the tokens it would have with this request, so that slow start
+		// holds back an idle backend too; requests break ties, a fraction
+		// of a token each
+		return (float64(tokens) + add + float64(u.NumRequests())/(1<<20)) / (p.pool.Weight(u.Dial) * c.ramp(b))
 	}, nil, 0)
+	return p.finish(&c, pool, best)
 }
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
@@ -324,6 +320,8 @@ type WeightedLeastConnSelection struct {
 	Weights []int `json:"weights,omitempty"`
 
 	body bodyGuard
+	set  aibalance.BackendSet
+	pool *aibalance.Pool
 }
 
 // CaddyModule returns the Caddy module information.
@@ -341,6 +339,21 @@ func (p *WeightedLeastConnSelection) Provision(ctx caddy.Context) error {
 		return err
 	}
 	p.body = newBodyGuard(ctx)
+	// its health (breaker, cooldown, slow start) is the pool's, as for
+	// the other policies
+	p.pool = aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
+	for _, addr := range aibalance.HandlerUpstreams(ctx) {
+		p.set.Get(addr)
+	}
+	return nil
+}
+
+// Cleanup releases the store references.
+func (p *WeightedLeastConnSelection) Cleanup() error {
+	p.set.Release()
+	if p.pool != nil {
+		aibalance.ReleasePool(p.pool.Key())
+	}
 	return nil
 }
 
@@ -356,9 +369,16 @@ func (p *WeightedLeastConnSelection) Select(pool reverseproxy.UpstreamPool, r *h
 	if !p.body.allow(r) {
 		return nil
 	}
-	c := candidates{weights: p.Weights, upstreams: pool, tried: aibalance.RequestTried(r)}
+	c := candidates{weights: p.Weights, upstreams: pool, tried: aibalance.RequestTried(r), now: time.Now(), f: aibalance.CachedFeatures(r)}
+	if p.pool != nil { // nil only when used outside a Caddy config
+		c.set, c.health = &p.set, p.pool.Health()
+	}
 	return c.pick(pool, func(u *reverseproxy.Upstream) float64 {
-		return float64(u.NumRequests()+1) / c.weight(u)
+		ramp := 1.0
+		if c.set != nil {
+			ramp = c.ramp(c.set.Get(u.Dial))
+		}
+		return float64(u.NumRequests()+1) / (c.weight(u) * ramp)
 	}, nil, 0)
 }
 
@@ -382,37 +402,81 @@ func (p *WeightedLeastConnSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) 
 	return nil
 }
 
-// provisionLearning is the Provision of the policies that learn from
-// transport aibalance: it refuses weights the handler's upstreams cannot
-// match, warns when the transport is another, reads the handler's
-// request_buffers for the retry guard, loads the aibalance app, takes
-// references to the handler's static upstreams before the old config lets
-// go of them, and takes the handler's pool, giving it the weights by
-// address.
-func provisionLearning(ctx caddy.Context, policy string, set *aibalance.BackendSet, weights []int) (*aibalance.App, *aibalance.Pool, bodyGuard, error) {
+// learner is what the policies that learn from transport aibalance share:
+// the app, the handler's backends and pool, its retry settings and its
+// request_buffers.
+type learner struct {
+	app    *aibalance.App
+	set    aibalance.BackendSet
+	pool   *aibalance.Pool
+	body   bodyGuard
+	budget retryBudget
+	ours   bool // the handler's transport is aibalance: it gives the policy's own answers
+	logger *zap.Logger
+}
+
+// provision refuses weights the handler's upstreams cannot match, warns
+// when the transport is another, reads the handler's request_buffers and
+// retry settings, loads the aibalance app, takes references to the
+// handler's static upstreams before the old config lets go of them (a
+// newcomer to a pool that already serves starts slowly), and takes the
+// handler's pool, giving it the weights by address.
+func (l *learner) provision(ctx caddy.Context, policy string, weights []int) error {
 	if err := checkWeights(ctx, policy, weights, true); err != nil {
-		return nil, nil, bodyGuard{}, err
+		return err
 	}
-	warnWithoutTransport(ctx, policy)
-	guard := newBodyGuard(ctx)
+	l.ours = !warnWithoutTransport(ctx, policy)
+	l.body = newBodyGuard(ctx)
+	l.budget = newRetryBudget(ctx)
+	l.logger = ctx.Logger()
 	app, err := aibalance.Load(ctx)
 	if err != nil {
-		return nil, nil, guard, err
+		return err
 	}
+	l.app = app
 	addrs := aibalance.HandlerUpstreams(ctx)
 	for _, addr := range addrs {
-		set.Get(addr)
+		l.set.Get(addr)
 	}
-	pool := aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
+	l.set.RampNewcomers(addrs, time.Now())
+	l.pool = aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
 	byAddr := map[string]float64{}
 	for i, addr := range addrs {
-		pool.AddMember(addr)
+		l.pool.AddMember(addr)
 		if i < len(weights) {
 			byAddr[addr] = float64(weights[i])
 		}
 	}
-	pool.SetWeights(byAddr)
-	return app, pool, guard, nil
+	l.pool.SetWeights(byAddr)
+	return nil
+}
+
+// begin counts a selection of the request and returns its candidates.
+func (l *learner) begin(r *http.Request, f *aibalance.Features, now time.Time) candidates {
+	aibalance.SetRequestPool(r, l.pool)
+	f.Selects++
+	if f.Start.IsZero() {
+		f.Start = now
+	}
+	f.Reject = nil
+	return candidates{pool: l.pool, set: &l.set, now: now, f: f, tried: &f.Tried, health: l.pool.Health(), logger: l.logger}
+}
+
+// finish returns best, or, when there is none, lets the transport answer
+// for the policy (see candidates.reject): at once for a model no backend
+// serves and for a pool that is all cooling down, and on the request's
+// last attempt otherwise; until then nil lets Caddy wait and try again
+// (lb_try_duration). Another transport cannot answer: nil.
+func (l *learner) finish(c *candidates, pool reverseproxy.UpstreamPool, best *reverseproxy.Upstream) *reverseproxy.Upstream {
+	if best != nil || !l.ours || len(pool) == 0 {
+		return best
+	}
+	rej := c.reject(pool)
+	if rej.Status == http.StatusServiceUnavailable && !l.budget.last(c.f, c.now) {
+		return nil
+	}
+	c.f.Reject = rej
+	return pool[0] // not dialled: the transport answers
 }
 
 // checkWeights refuses weights the handler's upstreams cannot match: more
@@ -439,13 +503,13 @@ func checkWeights(ctx caddy.Context, policy string, weights []int, needStatic bo
 // warnWithoutTransport logs, at Provision, that a policy that learns from
 // transport aibalance runs without it: it would silently degrade to
 // counting Caddy's requests. The warning shows in `caddy validate`.
-func warnWithoutTransport(ctx caddy.Context, policy string) {
+func warnWithoutTransport(ctx caddy.Context, policy string) (warned bool) {
 	h := aibalance.Handler(ctx)
 	if h == nil {
-		return
+		return true
 	}
 	if _, ok := h.Transport.(*Transport); ok {
-		return
+		return false
 	}
 	name := "http" // Caddy's default, set after the policy is loaded
 	if m, ok := h.Transport.(caddy.Module); ok {
@@ -454,6 +518,7 @@ func warnWithoutTransport(ctx caddy.Context, policy string) {
 	ctx.Logger().Warn("lb_policy "+policy+" cannot learn without transport aibalance: it measures nothing and falls back to counting requests in flight. "+
 		"Add `transport aibalance` to the reverse_proxy (http transport options go inside its block), or use ai_proxy, which sets it",
 		zap.String("policy", policy), zap.String("transport", name))
+	return true
 }
 
 // positionalWeight is the weight of the upstream at addr in pool, from
@@ -468,69 +533,6 @@ func positionalWeight(weights []int, pool reverseproxy.UpstreamPool, addr string
 		}
 	}
 	return 1
-}
-
-// candidates decides which upstreams a request may go to, in three levels
-// tried in order until one has a candidate: (0) available, weight above
-// zero, not cooling down, not failing most of its recent attempts (see
-// aibalance.Backend.Failing) and not already tried by this request; (1)
-// the same, cooling down and failing allowed; (2) tried ones allowed too. So a retry never
-// goes back to a backend that failed this request, nor to one that asked
-// for a pause, while another is eligible; and when none is, the request
-// still goes somewhere rather than nowhere.
-type candidates struct {
-	pool      *aibalance.Pool // weights by address, members; nil: positional weights
-	weights   []int           // positional weights, when pool is nil
-	upstreams reverseproxy.UpstreamPool
-	set       *aibalance.BackendSet // nil: no cooldowns known
-	now       time.Time
-	tried     *aibalance.Tried
-}
-
-func (c *candidates) weight(u *reverseproxy.Upstream) float64 {
-	if c.pool != nil {
-		return c.pool.Weight(u.Dial)
-	}
-	return positionalWeight(c.weights, c.upstreams, u.Dial)
-}
-
-func (c *candidates) ok(level int, u *reverseproxy.Upstream) bool {
-	if !u.Available() || c.weight(u) <= 0 {
-		return false
-	}
-	if level < 2 && c.tried.Len() > 0 && c.tried.Has(u.Dial) {
-		return false
-	}
-	if level < 1 && c.set != nil {
-		if b := c.set.Get(u.Dial); b.CoolingDown(c.now) || b.Failing(c.now) {
-			return false
-		}
-	}
-	return true
-}
-
-// pick returns the eligible upstream with the lowest score, choosing
-// uniformly among equal scores, and records it as tried (and, for dynamic
-// upstreams, as a member of the pool). With k > 0 it
-// compares k random eligible upstreams plus the previous winner (memory),
-// else all of them.
-func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reverseproxy.Upstream) float64, memory *atomic.Int64, k int) *reverseproxy.Upstream {
-	for level := 0; level < 3; level++ {
-		var best *reverseproxy.Upstream
-		if k > 0 {
-			best = sampleMin(pool, func(u *reverseproxy.Upstream) bool { return c.ok(level, u) }, k, memory, score)
-		} else {
-			best = selectMin(pool, func(u *reverseproxy.Upstream) bool { return c.ok(level, u) }, score)
-		}
-		if best != nil {
-			c.tried.Add(best.Dial)
-			if c.pool != nil {
-				c.pool.AddMember(best.Dial)
-			}
-			return best
-		}
-	}
-	return nil
 }
 
 // selectMin scans every eligible upstream and returns the one with the
@@ -703,5 +705,6 @@ var (
 	_ reverseproxy.Selector = (*WeightedLeastConnSelection)(nil)
 	_ caddy.Provisioner     = (*WeightedLeastConnSelection)(nil)
 	_ caddy.Validator       = (*WeightedLeastConnSelection)(nil)
+	_ caddy.CleanerUpper    = (*WeightedLeastConnSelection)(nil)
 	_ caddyfile.Unmarshaler = (*WeightedLeastConnSelection)(nil)
 )

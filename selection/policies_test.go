@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/aibalance/caddy-aibalance/aibalance"
+	"github.com/aibalance/caddy-aibalance/healthcheck"
 )
 
 func testPool(t testing.TB, n int) reverseproxy.UpstreamPool {
@@ -23,7 +24,7 @@ func testPool(t testing.TB, n int) reverseproxy.UpstreamPool {
 }
 
 func newPredictive(k int, all bool, weights ...int) *AIPredictiveSelection {
-	return &AIPredictiveSelection{Choose: k, ChooseAll: all, Weights: weights, app: aibalance.NewApp(), pool: testPoolObj(weights), clock: time.Now}
+	return &AIPredictiveSelection{Choose: k, ChooseAll: all, Weights: weights, learner: learner{app: aibalance.NewApp(), pool: testPoolObj(weights)}, clock: time.Now}
 }
 
 // testPoolObj is a pool whose weights are given in the order of testPool's
@@ -52,7 +53,7 @@ func bindWeights(p *aibalance.Pool, pool reverseproxy.UpstreamPool) {
 }
 
 func newLeastTokens(weights ...int) *LeastTokensSelection {
-	return &LeastTokensSelection{Weights: weights, app: aibalance.NewApp(), pool: testPoolObj(weights)}
+	return &LeastTokensSelection{Weights: weights, learner: learner{app: aibalance.NewApp(), pool: testPoolObj(weights)}}
 }
 
 func chatRequest() *http.Request {
@@ -343,7 +344,8 @@ func TestRetryAvoidsTriedBackends(t *testing.T) {
 }
 
 // TestFailingBackendNotPreferred: a backend that answers every request at
-// once with a 429 (or a 500) has nothing in flight, yet never looks best;
+// once with a 429 (a cooldown) or a 500 (its breaker opens) has nothing in
+// flight, yet gets next to nothing;
 // one in a Retry-After cooldown gets nothing while others are eligible.
 func TestFailingBackendNotPreferred(t *testing.T) {
 	for _, status := range []int{429, 500} {
@@ -352,9 +354,14 @@ func TestFailingBackendNotPreferred(t *testing.T) {
 		now := time.Now()
 		bad := p.set.Get(pool[0].Dial)
 		f := &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 100, OutputTokens: 100}
-		for i := 0; i < 3; i++ {
+		for i := 0; i < aibalance.DefaultHealth.ConsecutiveFailures; i++ {
 			a := bad.Begin(f, p.pool.Prior(), now)
-			a.End(aibalance.Outcome{Status: status}, p.app.Lambda(), p.pool.Prior(), now)
+			o := aibalance.Outcome{Status: status}
+			if status == 429 { // the transport's default cooldown
+				o.RetryAfter = time.Duration(p.pool.Health().Cooldown)
+			}
+			a.End(o, p.app.Lambda(), p.pool.Prior(), now)
+			healthcheck.For(bad).Record(o, false, now, p.pool.Health(), nil)
 		}
 		c := loadUp(t, p, &p.set, pool, 60)
 		t.Logf("status %d: failing %d, others %d/%d", status, c[pool[0].Dial], c[pool[1].Dial], c[pool[2].Dial])

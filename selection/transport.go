@@ -65,6 +65,13 @@ type Transport struct {
 	// MetricsTimeout bounds one scrape. Default: the interval, at most 2s.
 	MetricsTimeout caddy.Duration `json:"metrics_timeout,omitempty"`
 
+	// Health is how the handler's backends are judged: circuit breaker,
+	// cooldown, slow start, first-byte timeout, answers retried elsewhere,
+	// model discovery (see aibalance.HealthConfig). Its policies read it
+	// from the handler's pool. Default: every check on, with the defaults
+	// of aibalance.DefaultHealth.
+	Health *aibalance.HealthConfig `json:"health,omitempty"`
+
 	app   *aibalance.App
 	set   aibalance.BackendSet
 	pool  *aibalance.Pool // the handler's, for requests no policy of ours routed
@@ -72,6 +79,8 @@ type Transport struct {
 	// body knows the handler's request_buffers: bodies it buffers whole
 	// are given to each attempt afresh, so the transport may read them
 	body bodyGuard
+
+	budget retryBudget // the handler's retries: which attempt is the last
 
 	scrape  healthcheck.ScrapeConfig
 	client  *http.Client
@@ -104,7 +113,13 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 		t.clock = time.Now
 	}
 	t.pool = aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
+	var hc aibalance.HealthConfig
+	if t.Health != nil {
+		hc = *t.Health
+	}
+	t.pool.SetHealth(hc)
 	t.body = newBodyGuard(ctx)
+	t.budget = newRetryBudget(ctx)
 	t.logger = ctx.Logger()
 	t.scrape = healthcheck.ScrapeConfig{
 		Engine:   t.Engine,
@@ -136,6 +151,11 @@ func (t *Transport) Validate() error {
 	}
 	if t.MetricsInterval < 0 || t.MetricsTimeout < 0 || t.MetricsPort < 0 || t.MetricsPort > 65535 {
 		return fmt.Errorf("transport aibalance: metrics_interval, metrics_timeout and metrics_port must not be negative (port at most 65535)")
+	}
+	if t.Health != nil {
+		if err := t.Health.Validate(); err != nil {
+			return fmt.Errorf("transport aibalance: health: %w", err)
+		}
 	}
 	return nil
 }
@@ -174,6 +194,10 @@ func (t *Transport) Cleanup() error {
 }
 
 // RoundTrip proxies req through the embedded transport and measures it.
+// It is also where the health checks act on an attempt (see failover.go):
+// the first-byte deadline, answers retried on another backend while the
+// request has attempts left, the policy's own answers, and the clear error
+// a client gets when its last attempt failed.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
 	di, ok := reverseproxy.GetDialInfo(ctx)
@@ -184,57 +208,127 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if !ok || di.Upstream == nil || ctx.Value(caddyhttp.VarsCtxKey) == nil {
 		return t.HTTPTransport.RoundTrip(req)
 	}
-	b := t.set.Get(di.Upstream.Dial)
-	t.scrapeOnce(di.Upstream.Dial)
 	f := t.features(req)
 	pool := aibalance.RequestPool(req)
+	if pool != nil && f.Reject != nil {
+		rej := f.Reject
+		f.Reject = nil
+		return rejectResponse(req, f.API, rej), nil
+	}
+	b := t.set.Get(di.Upstream.Dial)
+	t.scrapeOnce(di.Upstream.Dial)
+	routed := pool != nil // by a policy of ours: it counts the attempts
 	if pool == nil {
 		pool = t.pool
-		pool.AddMember(di.Upstream.Dial)
+		if pool.AddMember(di.Upstream.Dial) {
+			t.set.RampNewcomers(pool.Members(), t.clock())
+		}
+	}
+	hc := pool.Health()
+	probe := f.Probe == di.Upstream.Dial
+	if probe {
+		f.Probe = ""
 	}
 	start := t.clock()
 	att := b.Begin(f, pool.Prior(), start)
+	// whether Caddy will not try again after this attempt: asked only
+	// when the attempt failed
+	last := func() bool { return !routed || t.budget.last(f, start) || !t.elsewhere(pool, f, start) }
 
+	fb := newFirstByte(t.firstByteDeadline(b, f, hc, pool.Prior(), start))
+	if fb != nil {
+		req = req.WithContext(fb.arm(ctx))
+	}
 	res, err := t.HTTPTransport.RoundTrip(req)
 	if err != nil {
+		timedOut := fb.stop()
 		now := t.clock()
 		o := aibalance.Outcome{E2E: now.Sub(start)}
 		var ne net.Error
 		switch {
 		case errors.As(err, new(reverseproxy.DialError)):
 			o.DialError = true
+		case timedOut:
+			o.Timeout = true
 		case ctx.Err() != nil:
 			o.Canceled = true
 		case errors.As(err, &ne) && ne.Timeout():
 			o.Timeout = true
 		}
-		att.End(o, t.app.Lambda(), pool.Prior(), now)
-		return nil, err // unchanged: Caddy decides retries by its type
+		t.end(&att, o, pool.Prior(), probe, now)
+		fb.release()
+		if timedOut {
+			err = fb.err()
+		}
+		return t.failed(req, f, pool, o, err, last())
 	}
 	outcome := aibalance.Outcome{
 		Status:     res.StatusCode,
 		Headers:    t.clock().Sub(start),
-		RetryAfter: retryAfter(res, start),
+		RetryAfter: t.cooldown(res, hc, start),
+	}
+	if hc.Retries(res.StatusCode) && !last() {
+		// another backend may answer: Caddy retries a dial error with any
+		// method, and the body was never sent to the client
+		fb.stop()
+		drain(res.Body)
+		res.Body.Close()
+		now := t.clock()
+		outcome.E2E = now.Sub(start)
+		t.end(&att, outcome, pool.Prior(), probe, now)
+		fb.release()
+		return nil, reverseproxy.NewDialError(fmt.Errorf("upstream %s answered %d: trying another backend", di.Upstream.Dial, res.StatusCode))
+	}
+	if (res.StatusCode == http.StatusTooManyRequests || res.StatusCode == http.StatusServiceUnavailable) && res.Header.Get("Retry-After") == "" {
+		setRetryAfter(res.Header, soonestBack(pool, &t.set, start, hc))
 	}
 	// An upgraded connection (WebSocket, the OpenAI Realtime API) is not a
 	// request/response exchange: its body must stay the read-writer Caddy
 	// expects, and its life says nothing of the engine's speed.
 	if res.StatusCode == http.StatusSwitchingProtocols || res.Body == nil || res.Body == http.NoBody {
+		fb.stop()
 		now := t.clock()
 		outcome.E2E = now.Sub(start)
-		att.End(outcome, t.app.Lambda(), pool.Prior(), now)
+		t.end(&att, outcome, pool.Prior(), probe, now)
+		fb.release()
 		return res, nil
 	}
+	sse := isEventStream(res.Header.Get("Content-Type"))
+	if fb != nil && sse && res.StatusCode < 300 {
+		// a stream's headers come before its first token: wait for the
+		// first body byte while the request can still go elsewhere
+		if err := fb.await(res); err != nil {
+			now := t.clock()
+			outcome.E2E = now.Sub(start)
+			outcome.StreamError, outcome.Timeout = !fb.timedOut(), fb.timedOut()
+			if ctx.Err() != nil {
+				outcome.Canceled, outcome.StreamError = true, false
+			}
+			t.end(&att, outcome, pool.Prior(), probe, now)
+			fb.release()
+			return t.failed(req, f, pool, outcome, err, last())
+		}
+	}
+	fb.stop()
 	res.Body = &observedBody{
 		ReadCloser: res.Body,
 		t:          t,
 		att:        att,
 		prior:      pool.Prior(),
 		api:        f.API,
-		sse:        isEventStream(res.Header.Get("Content-Type")),
+		sse:        sse,
 		outcome:    outcome,
+		probe:      probe,
+		cancel:     fb.releaseFunc(),
 	}
 	return res, nil
+}
+
+// end ends an attempt: its backend's counters and model, and its breaker.
+func (t *Transport) end(att *aibalance.Attempt, o aibalance.Outcome, prior *aibalance.Prior, probe bool, now time.Time) {
+	att.End(o, t.app.Lambda(), prior, now)
+	pool := t.pool
+	healthcheck.For(att.Backend()).Record(o, probe, now, pool.Health(), t.logger)
 }
 
 // features returns the request's features. req is this attempt's shallow
