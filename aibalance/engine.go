@@ -21,6 +21,9 @@ type EngineMetrics struct {
 	HasKV      bool
 	// Engine is the engine the scraper recognised: vllm, sglang, tgi, llamacpp.
 	Engine string
+	// StartTime is the engine process's start (unix seconds) when it
+	// exports process_start_time_seconds; 0 when not. A change is a restart.
+	StartTime float64
 	At     time.Time
 }
 

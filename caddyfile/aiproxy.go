@@ -5,7 +5,6 @@ package aicaddyfile
 
 import (
 	"encoding/json"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -27,15 +26,12 @@ func init() {
 const (
 	// DefaultRequestBuffers lets a body of up to 16 MiB be replayed on a retry.
 	DefaultRequestBuffers = 16 << 20
-	// DefaultRetries is how many more upstreams are tried after a failure.
+	// DefaultRetries is how many more upstreams are tried after a failure:
+	// a dial error, a first-byte timeout, or an answer in the transport's
+	// retry_status (429, 500, 502, 503, 504), each before any byte went to
+	// the client. The client gets the last backend's own answer, or a
+	// JSON error, when none is left.
 	DefaultRetries = 2
-	// DefaultRetryMatch retries answers that mean "try another backend",
-	// given before any byte went to the client.
-	DefaultRetryMatch = "{http.reverse_proxy.status_code} in [429, 502, 503]"
-	// DefaultFailDuration turns on Caddy's passive health checks: a backend
-	// that cannot be reached (dial error, timeout) is skipped this long, so
-	// the retry and the next requests go elsewhere.
-	DefaultFailDuration = caddy.Duration(10 * time.Second)
 )
 
 // parseAIProxy sets up a reverse_proxy for LLM inference backends. Syntax:
@@ -54,6 +50,15 @@ const (
 //	    metrics_interval <duration>
 //	    metrics_timeout  <duration>
 //
+//	    # health (see transport aibalance; all on by default)
+//	    circuit_breaker    off | { consecutive_failures <n> ... }
+//	    cooldown           <duration>
+//	    max_cooldown       <duration>
+//	    slow_start         <window>|off [<min share>]
+//	    first_byte_timeout auto|off|<duration>
+//	    retry_status       <status...>|off
+//	    model_discovery    <interval>|off
+//
 //	    # and every reverse_proxy subdirective, unchanged
 //	}
 //
@@ -65,11 +70,12 @@ const (
 //	    flush_interval -1
 //	    request_buffers 16MiB
 //	    lb_retries 2
-//	    lb_retry_match {
-//	        expression `{rp.status_code} in [429, 502, 503]`
-//	    }
-//	    fail_duration 10s
 //	}
+//
+// Health needs none of Caddy's passive health checks: the transport's
+// circuit breaker, cooldowns and retry_status replace fail_duration and
+// lb_retry_match (which would give the client an empty answer when its
+// retries run out).
 //
 // Any of these the block writes itself wins, 0 included (lb_retries 0 turns
 // retries off). A `transport` other than aibalance is rejected: the
@@ -171,6 +177,12 @@ func applyEngine(tok caddyfile.Token, rp *reverseproxy.Handler, eng *selection.T
 	if (eng.Engine != "" && t.Engine != "") || (eng.MetricsPath != "" && t.MetricsPath != "") || (eng.MetricsPort != 0 && t.MetricsPort != 0) ||
 		(eng.MetricsInterval != 0 && t.MetricsInterval != 0) || (eng.MetricsTimeout != 0 && t.MetricsTimeout != 0) {
 		return errAt(tok, "ai_proxy: an engine option is given both in the block and in transport aibalance")
+	}
+	if eng.Health != nil && t.Health != nil {
+		return errAt(tok, "ai_proxy: give the health options (circuit_breaker, cooldown, slow_start, first_byte_timeout, retry_status, model_discovery) either in the block or in transport aibalance, not both")
+	}
+	if eng.Health != nil {
+		t.Health = eng.Health
 	}
 	if eng.Engine != "" {
 		t.Engine = eng.Engine
@@ -336,19 +348,6 @@ func applyDefaults(rp *reverseproxy.Handler, pol *policyOptions, written map[str
 	_, tryDuration := written["lb_try_duration"]
 	if !retries && !tryDuration {
 		lb.Retries = DefaultRetries
-	}
-	if _, ok := written["lb_retry_match"]; !ok {
-		expr, _ := json.Marshal(DefaultRetryMatch)
-		lb.RetryMatchRaw = caddyhttp.RawMatcherSets{caddy.ModuleMap{"expression": expr}}
-	}
-	if _, ok := written["fail_duration"]; !ok {
-		if rp.HealthChecks == nil {
-			rp.HealthChecks = new(reverseproxy.HealthChecks)
-		}
-		if rp.HealthChecks.Passive == nil {
-			rp.HealthChecks.Passive = new(reverseproxy.PassiveHealthChecks)
-		}
-		rp.HealthChecks.Passive.FailDuration = DefaultFailDuration
 	}
 	if _, ok := written["flush_interval"]; !ok {
 		rp.FlushInterval = caddy.Duration(-1)

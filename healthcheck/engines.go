@@ -224,6 +224,13 @@ func extract(e engineNames, families map[string]*dto.MetricFamily) (m aibalance.
 		return aibalance.EngineMetrics{}, false
 	}
 	m.Engine = e.engine
+	// the standard process collector's start time (Python's and Go's
+	// Prometheus clients export it): when it changes, the engine restarted
+	if mf := families["process_start_time_seconds"]; mf != nil && len(mf.GetMetric()) > 0 {
+		if v, ok := maxSeries(mf, math.MaxFloat64); ok && v > 0 {
+			m.StartTime = v
+		}
+	}
 	return m, true
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -54,6 +55,9 @@ type ScrapeConfig struct {
 	// MaxBytes is the largest body read; a longer one fails the scrape.
 	// Default: 4 MiB.
 	MaxBytes int64
+	// ModelsInterval is how often the engine's /v1/models (on the
+	// upstream's own port) is read; negative: never. Default: 10s.
+	ModelsInterval time.Duration
 }
 
 // withDefaults returns c with its zero fields set to their defaults.
@@ -75,6 +79,9 @@ func (c ScrapeConfig) withDefaults() ScrapeConfig {
 	}
 	if c.MaxBytes == 0 {
 		c.MaxBytes = DefaultMaxBytes
+	}
+	if c.ModelsInterval == 0 {
+		c.ModelsInterval = DefaultModelsInterval
 	}
 	return c
 }
@@ -109,8 +116,8 @@ func (c ScrapeConfig) Validate() error {
 
 // key identifies the configuration in the scraper pool (defaults applied).
 func (c ScrapeConfig) key() string {
-	return fmt.Sprintf("engine=%s path=%q port=%d scheme=%s interval=%s timeout=%s max=%d",
-		c.Engine, c.Path, c.Port, c.Scheme, c.Interval, c.Timeout, c.MaxBytes)
+	return fmt.Sprintf("engine=%s path=%q port=%d scheme=%s interval=%s timeout=%s max=%d models=%s",
+		c.Engine, c.Path, c.Port, c.Scheme, c.Interval, c.Timeout, c.MaxBytes, c.ModelsInterval)
 }
 
 // metricsURL is the URL of addr's metrics endpoint. addr is a reverse
@@ -149,9 +156,10 @@ func metricsURL(addr string, c ScrapeConfig) (string, error) {
 // one Scraper per address and configuration; NewScraper is for callers that
 // manage the lifetime themselves.
 type Scraper struct {
-	addr string
-	url  string
-	cfg  ScrapeConfig // defaults applied
+	addr      string
+	url       string
+	modelsURL string
+	cfg       ScrapeConfig // defaults applied
 
 	// Replaced by a later Acquire of the same scraper (a reload's new
 	// config): the newest transport's client and logger win.
@@ -171,6 +179,8 @@ type Scraper struct {
 	failures  int
 	engine    string
 	published time.Time // At of the last sample published
+	modelsAt  time.Time // when the model list was last read (or tried)
+	started   float64   // the engine's process start time, when it exports one
 }
 
 // NewScraper returns a stopped scraper of addr's engine metrics, publishing
@@ -191,7 +201,11 @@ func NewScraper(addr string, cfg ScrapeConfig, client *http.Client, b *aibalance
 	if err != nil {
 		return nil, fmt.Errorf("engine metrics scraper: %w", err)
 	}
-	s := &Scraper{addr: addr, url: u, cfg: cfg, now: time.Now, done: make(chan struct{})}
+	mu, err := modelsURL(addr, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("engine metrics scraper: %w", err)
+	}
+	s := &Scraper{addr: addr, url: u, modelsURL: mu, cfg: cfg, now: time.Now, done: make(chan struct{})}
 	s.update(client, b, logger)
 	return s, nil
 }
@@ -269,11 +283,13 @@ func (s *Scraper) poll(ctx context.Context) {
 				zap.Any("panic", p), zap.Stack("stack"))
 		}
 	}()
+	s.pollModels(ctx)
 	m, err := s.Scrape(ctx)
 	if ctx.Err() != nil {
 		return // stopping: not a failure of the upstream
 	}
 	log := s.logger.Load()
+	b := s.backend.Load()
 	if err != nil {
 		// Log changes of state, not every failure: a down upstream would
 		// otherwise log every interval. The old sample goes stale by itself.
@@ -284,17 +300,89 @@ func (s *Scraper) poll(ctx context.Context) {
 		}
 		return
 	}
-	s.backend.Load().SetEngine(m, 3*s.cfg.Interval)
+	b.SetEngine(m, 3*s.cfg.Interval)
 	s.published = m.At
 	if s.failing {
 		log.Debug("engine metrics scrape recovered", zap.Int("failures", s.failures))
 		s.failing, s.failures = false, 0
+		s.modelsAt = time.Time{} // read the models again: it may be a new engine
+		if !s.engineSeen() {
+			// it never answered before: it is starting, not restarting
+		} else {
+			b.StartRamp(m.At)
+		}
+	}
+	if m.StartTime > 0 {
+		if s.started > 0 && m.StartTime != s.started {
+			log.Info("engine restarted: slow start", zap.Float64("process_start_time", m.StartTime))
+			b.StartRamp(m.At)
+			s.modelsAt = time.Time{}
+		}
+		s.started = m.StartTime
 	}
 	if m.Engine != s.engine {
 		log.Debug("engine metrics found", zap.String("engine", m.Engine),
 			zap.Bool("waiting", m.HasWaiting), zap.Bool("running", m.HasRunning), zap.Bool("kv_usage", m.HasKV))
 		s.engine = m.Engine
 	}
+}
+
+// engineSeen reports whether a scrape ever succeeded before this one.
+func (s *Scraper) engineSeen() bool { return s.engine != "" }
+
+// pollModels reads the engine's model list when it is due. A list the
+// engine refuses or does not have makes its models unknown (it may serve
+// anything); a network error keeps the last list (a restarting engine
+// serves what it served).
+func (s *Scraper) pollModels(ctx context.Context) {
+	if s.cfg.ModelsInterval < 0 {
+		return
+	}
+	now := s.now()
+	if !s.modelsAt.IsZero() && now.Sub(s.modelsAt) < s.cfg.ModelsInterval {
+		return
+	}
+	s.modelsAt = now
+	m, err := s.FetchModels(ctx)
+	if ctx.Err() != nil {
+		return
+	}
+	b := s.backend.Load()
+	switch {
+	case err == nil:
+		if old := b.Models(); old == nil || !sameModels(old, m) {
+			s.logger.Load().Info("engine models", zap.Strings("models", modelNames(m)))
+		}
+		b.SetModels(m)
+	case errors.Is(err, errNoModels) || errors.Is(err, errTooLarge):
+		if b.Models() != nil {
+			s.logger.Load().Info("engine no longer lists its models: routing ignores them", zap.Error(err))
+		}
+		b.SetModels(nil)
+	default:
+		s.modelsAt = time.Time{} // unreachable: try again next interval
+	}
+}
+
+func sameModels(a, b *aibalance.ServedModels) bool {
+	if len(a.Context) != len(b.Context) {
+		return false
+	}
+	for k, v := range a.Context {
+		if w, ok := b.Context[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}
+
+func modelNames(m *aibalance.ServedModels) []string {
+	out := make([]string, 0, len(m.Context))
+	for k := range m.Context {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
 }
 
 // Scrape fetches and parses the metrics once, without publishing them. The

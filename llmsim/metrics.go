@@ -37,6 +37,13 @@ func newMetrics(s *Server) *metrics {
 		_, w, _ := s.eng.counts()
 		return float64(w)
 	})
+	// as Python's process collector exports it: a new value on each
+	// (re)start, which tells a balancer the engine restarted
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "process_start_time_seconds", Help: "Start time of the process since unix epoch in seconds."}, func() float64 {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return float64(s.started.UnixNano()) / 1e9
+	}))
 	kvCapacity := float64(cfg.CacheBlocks * cfg.BlockTokens)
 	gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", func() float64 {
 		_, _, kv := s.eng.counts()

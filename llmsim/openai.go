@@ -195,13 +195,17 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, api apiKind) {
 	}
 
 	f := cfg.Faults
+	reject := s.chance(f.RejectRate)
 	if f.RejectAboveQueue > 0 {
 		if _, waiting, _ := s.eng.counts(); waiting >= f.RejectAboveQueue {
-			s.stats.rejected.Add(1)
-			w.Header().Set("Retry-After", strconv.Itoa(max(int(f.RetryAfter.Round(time.Second)/time.Second), 1)))
-			openAIError(w, http.StatusTooManyRequests, "rate_limit_error", "the engine's queue is full")
-			return
+			reject = true
 		}
+	}
+	if reject {
+		s.stats.rejected.Add(1)
+		w.Header().Set("Retry-After", strconv.Itoa(max(int(f.RetryAfter.Round(time.Second)/time.Second), 1)))
+		openAIError(w, http.StatusTooManyRequests, "rate_limit_error", "the engine's queue is full")
+		return
 	}
 	if s.chance(f.ErrorRate) {
 		s.stats.errors.Add(1)

@@ -56,6 +56,7 @@ type SpeedChange struct {
 type Faults struct {
 	ErrorRate        float64       // share of requests answered 500
 	RejectAboveQueue int           // answer 429 when this many are waiting (0: never)
+	RejectRate       float64       // share of requests answered 429 at once
 	RetryAfter       time.Duration // Retry-After on 429s; default 1s
 	HangRate         float64       // share of requests that never get an answer
 	CutRate          float64       // share of streams cut off half-way

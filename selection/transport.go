@@ -80,7 +80,8 @@ type Transport struct {
 	// are given to each attempt afresh, so the transport may read them
 	body bodyGuard
 
-	budget retryBudget // the handler's retries: which attempt is the last
+	budget retryBudget     // the handler's retries: which attempt is the last
+	seen   map[string]bool // health subdirectives parsed (Caddyfile only)
 
 	scrape  healthcheck.ScrapeConfig
 	client  *http.Client
@@ -131,6 +132,7 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 	if t.TLSEnabled() {
 		t.scrape.Scheme = "https"
 	}
+	t.scrape.ModelsInterval = time.Duration(t.pool.Health().ModelsInterval)
 	if err := t.scrape.Validate(); err != nil {
 		return fmt.Errorf("transport aibalance: %w", err)
 	}
@@ -389,14 +391,14 @@ func (t *Transport) UnmarshalEngineOption(d *caddyfile.Dispenser) (bool, error) 
 	return t.unmarshalEngine(d)
 }
 
-// unmarshalEngine parses one engine-metrics subdirective, reporting
-// whether it was one.
+// unmarshalEngine parses one engine-metrics or health subdirective,
+// reporting whether it was one.
 func (t *Transport) unmarshalEngine(d *caddyfile.Dispenser) (bool, error) {
 	key := d.Val()
 	switch key {
 	case "engine", "metrics_path", "metrics_port", "metrics_interval", "metrics_timeout":
 	default:
-		return false, nil
+		return t.unmarshalHealth(d)
 	}
 	if !d.NextArg() {
 		return true, d.ArgErr()

@@ -1,0 +1,223 @@
+package selection
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/aibalance/caddy-aibalance/aibalance"
+)
+
+// healthKeys are the health subdirectives of transport aibalance (and of
+// ai_proxy's top level):
+//
+//	circuit_breaker off | {
+//	    consecutive_failures <n>
+//	    failure_ratio        <0..1>
+//	    failure_window       <duration>
+//	    min_requests         <n>
+//	    open_duration        <duration>
+//	    max_open_duration    <duration>
+//	    half_open_probes     <n>
+//	    close_after          <n>
+//	}
+//	cooldown           <duration>          # after a 429/503 without Retry-After
+//	max_cooldown       <duration>          # caps any Retry-After
+//	slow_start         <window>|off [<min share>]
+//	first_byte_timeout auto|off|<duration>
+//	retry_status       <status...>|off     # answers retried on another backend
+//	model_discovery    <interval>|off
+var healthKeys = map[string]bool{
+	"circuit_breaker": true, "cooldown": true, "max_cooldown": true, "slow_start": true,
+	"first_byte_timeout": true, "retry_status": true, "model_discovery": true,
+}
+
+// IsHealthOption reports whether key is a health subdirective.
+func IsHealthOption(key string) bool { return healthKeys[key] }
+
+// unmarshalHealth parses one health subdirective into t.Health, reporting
+// whether it was one.
+func (t *Transport) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
+	key := d.Val()
+	if !healthKeys[key] {
+		return false, nil
+	}
+	if t.Health == nil {
+		t.Health = new(aibalance.HealthConfig)
+	}
+	if t.seen == nil {
+		t.seen = map[string]bool{}
+	}
+	if t.seen[key] {
+		return true, d.Errf("%s already specified", key)
+	}
+	t.seen[key] = true
+	h := t.Health
+	args := d.RemainingArgs()
+	one := func() (string, error) {
+		if len(args) != 1 {
+			return "", d.ArgErr()
+		}
+		return args[0], nil
+	}
+	switch key {
+	case "circuit_breaker":
+		if len(args) == 1 && args[0] == "off" {
+			off := false
+			h.Breaker = &off
+			return true, nil
+		}
+		if len(args) > 0 {
+			return true, d.Errf("circuit_breaker: want off or a block, got %q", args[0])
+		}
+		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			if err := parseBreaker(d, h); err != nil {
+				return true, err
+			}
+		}
+	case "cooldown", "max_cooldown":
+		v, err := one()
+		if err != nil {
+			return true, err
+		}
+		dur, err := positiveDuration(d, key, v)
+		if err != nil {
+			return true, err
+		}
+		if key == "cooldown" {
+			h.Cooldown = dur
+		} else {
+			h.MaxCooldown = dur
+		}
+	case "slow_start":
+		if len(args) == 0 || len(args) > 2 {
+			return true, d.ArgErr()
+		}
+		if args[0] == "off" {
+			if len(args) > 1 {
+				return true, d.ArgErr()
+			}
+			h.SlowStart = -1
+			return true, nil
+		}
+		dur, err := positiveDuration(d, key, args[0])
+		if err != nil {
+			return true, err
+		}
+		h.SlowStart = dur
+		if len(args) == 2 {
+			share, err := strconv.ParseFloat(args[1], 64)
+			if err != nil || share <= 0 || share > 1 {
+				return true, d.Errf("slow_start: the starting share must be above 0 and at most 1, got %q", args[1])
+			}
+			h.SlowStartMin = share
+		}
+	case "first_byte_timeout":
+		v, err := one()
+		if err != nil {
+			return true, err
+		}
+		switch v {
+		case "auto":
+			h.FirstByteTimeout = 0
+		case "off":
+			h.FirstByteTimeout = -1
+		default:
+			dur, err := positiveDuration(d, key, v)
+			if err != nil {
+				return true, d.Errf("first_byte_timeout: want auto, off or a positive duration, got %q", v)
+			}
+			h.FirstByteTimeout = dur
+		}
+	case "retry_status":
+		if len(args) == 0 {
+			return true, d.ArgErr()
+		}
+		if len(args) == 1 && args[0] == "off" {
+			h.RetryStatus = []int{0}
+			return true, nil
+		}
+		h.RetryStatus = nil
+		for _, a := range args {
+			n, err := strconv.Atoi(a)
+			if err != nil || n < 400 || n > 599 {
+				return true, d.Errf("retry_status: want error statuses (400-599) or off, got %q", a)
+			}
+			h.RetryStatus = append(h.RetryStatus, n)
+		}
+	case "model_discovery":
+		v, err := one()
+		if err != nil {
+			return true, err
+		}
+		if v == "off" {
+			h.ModelsInterval = -1
+			return true, nil
+		}
+		dur, err := positiveDuration(d, key, v)
+		if err != nil {
+			return true, d.Errf("model_discovery: want an interval such as 10s, or off, got %q", v)
+		}
+		h.ModelsInterval = dur
+	}
+	return true, nil
+}
+
+// parseBreaker parses one line of a circuit_breaker block.
+func parseBreaker(d *caddyfile.Dispenser, h *aibalance.HealthConfig) error {
+	key := d.Val()
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	count := func(target *int) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return d.Errf("%s: want a whole number of at least 1, got %q", key, v)
+		}
+		*target = n
+		return nil
+	}
+	dur := func(target *caddy.Duration) error {
+		x, err := positiveDuration(d, key, v)
+		*target = x
+		return err
+	}
+	switch key {
+	case "consecutive_failures":
+		return count(&h.ConsecutiveFailures)
+	case "min_requests":
+		return count(&h.MinRequests)
+	case "half_open_probes":
+		return count(&h.HalfOpenProbes)
+	case "close_after":
+		return count(&h.CloseAfter)
+	case "failure_ratio":
+		r, err := strconv.ParseFloat(v, 64)
+		if err != nil || r <= 0 || r > 1 {
+			return d.Errf("failure_ratio: want a share above 0 and at most 1, got %q", v)
+		}
+		h.FailureRatio = r
+		return nil
+	case "failure_window":
+		return dur(&h.FailureWindow)
+	case "open_duration":
+		return dur(&h.OpenDuration)
+	case "max_open_duration":
+		return dur(&h.MaxOpenDuration)
+	}
+	return d.Errf("unrecognized circuit_breaker option %q", key)
+}
+
+func positiveDuration(d *caddyfile.Dispenser, key, v string) (caddy.Duration, error) {
+	x, err := caddy.ParseDuration(v)
+	if err != nil || x <= 0 {
+		return 0, d.Errf("%s: want a positive duration such as 5s, got %q", key, v)
+	}
+	return caddy.Duration(min(x, 365*24*time.Hour)), nil
+}
