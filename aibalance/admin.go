@@ -61,13 +61,21 @@ type PoolView struct {
 type UpstreamView struct {
 	Address string `json:"address"`
 	// State is what the balancer does with the upstream now: active;
-	// cooldown (it answered 429/503 with Retry-After; Until says when it
-	// ends); or failing (most recent attempts failed; it gets requests only
-	// when no other upstream is eligible, until its failures are
-	// forgotten). Reason says why.
+	// cooldown (it answered 429/503: nothing until Until); open (its
+	// circuit breaker opened: nothing until Until, then probes); half_open
+	// (a few probe requests decide); slow_start (back or new: its share of
+	// its weight ramps up until Until). Reason says why; Since, when the
+	// state began where known.
 	State  string    `json:"state"`
 	Reason string    `json:"reason,omitempty"`
+	Since  time.Time `json:"since,omitzero"`
 	Until  time.Time `json:"until,omitzero"`
+	// Breaker is the circuit breaker's own state: closed, open or
+	// half_open (absent before the first attempt).
+	Breaker string `json:"breaker,omitempty"`
+	// Models are the models the engine lists at /v1/models, with their
+	// context lengths (0: not given); absent when unknown.
+	Models map[string]int `json:"models,omitempty"`
 	// Load is the model's input now: the balancer's counts, with the
 	// engine's own figures where they are fresh.
 	Load LoadView `json:"load"`
@@ -145,7 +153,7 @@ func View(now time.Time) UpstreamsView {
 		} else {
 			prior = new(Prior)
 		}
-		u := b.view(now, prior)
+		u := b.view(now, prior, p.Health())
 		if p != nil && poolRate[p] > 0 {
 			u.RecentShare = u.RecentRate / poolRate[p]
 		}
@@ -154,7 +162,7 @@ func View(now time.Time) UpstreamsView {
 	return v
 }
 
-func (b *Backend) view(now time.Time, prior *Prior) UpstreamView {
+func (b *Backend) view(now time.Time, prior *Prior, hc *HealthConfig) UpstreamView {
 	s := b.State(now)
 	u := UpstreamView{
 		Address:     b.addr,
@@ -167,11 +175,27 @@ func (b *Backend) view(now time.Time, prior *Prior) UpstreamView {
 			PendingAge: s.PendingAge, QueueWait: s.QueueWait, KV: s.KV,
 		},
 	}
+	var br HealthStatus
+	if k := b.Breaker(nil); k != nil {
+		br = k.Status(now)
+		u.Breaker = br.State
+	}
+	ramping, rampFrom := b.Ramping(now, time.Duration(hc.SlowStart))
 	switch {
 	case b.CoolingDown(now):
-		u.State, u.Reason, u.Until = "cooldown", "answered 429/503 with Retry-After", b.Cooldown()
-	case b.Failing(now):
-		u.State, u.Reason = "failing", fmt.Sprintf("%.0f%% of recent attempts failed (dial errors, timeouts, 5xx, 429, cut streams)", 100*u.FailureRate)
+		u.State, u.Reason, u.Until = "cooldown", "answered 429/503; out until its Retry-After (or the configured cooldown) ends", b.Cooldown()
+	case br.State == "open" || br.State == "half_open":
+		u.State, u.Reason, u.Since, u.Until = br.State, br.Reason, br.Since, br.Until
+		if br.State == "half_open" {
+			u.Until = time.Time{}
+		}
+	case ramping:
+		u.State, u.Since = "slow_start", rampFrom
+		u.Until = rampFrom.Add(time.Duration(hc.SlowStart))
+		u.Reason = fmt.Sprintf("ramping up after joining, a restart or a recovery: %.0f%% of its weight", 100*b.Ramp(now, time.Duration(hc.SlowStart), hc.SlowStartMin))
+	}
+	if m := b.Models(); m != nil {
+		u.Models = m.Context
 	}
 	if m, fresh := b.Engine(now); !m.At.IsZero() {
 		e := &EngineView{Engine: m.Engine, Age: now.Sub(m.At).Seconds(), Fresh: fresh}

@@ -148,13 +148,6 @@ func (b *Backend) CoolingDown(now time.Time) bool { return b.retryAfter.Load() >
 // through the backend's fault (see failureRate).
 func (b *Backend) FailureRate(now time.Time) float64 { return b.fails.rate(now) }
 
-// Failing reports whether most of the backend's recent attempts failed
-// through its fault (a cut stream cannot be retried: the client sees it).
-// Policies send it nothing while another backend is eligible; as its
-// failures are forgotten (failureMemory) it is tried again, and one more
-// failure takes it out again.
-func (b *Backend) Failing(now time.Time) bool { return b.fails.rate(now) > 0.5 }
-
 // Destruct implements caddy.Destructor; a backend holds no resources.
 func (b *Backend) Destruct() error { return nil }
 
