@@ -24,7 +24,7 @@ type EngineMetrics struct {
 	// StartTime is the engine process's start (unix seconds) when it
 	// exports process_start_time_seconds; 0 when not. A change is a restart.
 	StartTime float64
-	At     time.Time
+	At        time.Time
 }
 
 // engineState holds the latest engine metrics of a backend, published

@@ -19,7 +19,8 @@ type HealthConfig struct {
 	Breaker *bool `json:"circuit_breaker,omitempty"`
 	// ConsecutiveFailures opens the breaker: that many failures in a row
 	// (dial errors, timeouts, 5xx other than 503, streams cut by the
-	// backend). A refused connection opens it at once. Default 5.
+	// backend). A refused connection opens it at once. Default 3: a cut
+	// stream reaches the client, so few are tolerated.
 	ConsecutiveFailures int `json:"consecutive_failures,omitempty"`
 	// FailureRatio opens the breaker when at least that share of the
 	// attempts in the last FailureWindow failed, once there were
@@ -67,7 +68,7 @@ type HealthConfig struct {
 
 // DefaultHealth holds the defaults of HealthConfig.
 var DefaultHealth = HealthConfig{
-	ConsecutiveFailures: 5,
+	ConsecutiveFailures: 3,
 	FailureRatio:        0.25,
 	FailureWindow:       caddy.Duration(10 * time.Second),
 	MinRequests:         10,

@@ -75,6 +75,19 @@ func (g *bodyGuard) allow(r *http.Request) bool {
 	return true
 }
 
+// replayable reports whether a retry of the attempt req could send its
+// body whole: it has none, Caddy buffered it whole, or no attempt read a
+// byte of it yet (a dial error).
+func (g *bodyGuard) replayable(req *http.Request) bool {
+	switch b := req.Body.(type) {
+	case nil:
+		return true
+	case *attemptBody:
+		return b.s.state.Load()&1 == 0
+	}
+	return req.Body == http.NoBody || g.wholeBuffered(req)
+}
+
 // wholeBuffered reports whether Caddy buffered r's body whole, so it
 // replays it on every attempt. Caddy sets the Content-Length of a body it
 // buffered whole; one that filled the buffer exactly is not whole

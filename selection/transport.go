@@ -235,7 +235,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	att := b.Begin(f, pool.Prior(), start)
 	// whether Caddy will not try again after this attempt: asked only
 	// when the attempt failed
-	last := func() bool { return !routed || t.budget.last(f, start) || !t.elsewhere(pool, f, start) }
+	last := func() bool {
+		return !routed || t.budget.last(f, start) || !t.body.replayable(req) || !t.elsewhere(pool, f, start)
+	}
 
 	fb := newFirstByte(t.firstByteDeadline(b, f, hc, pool.Prior(), start))
 	if fb != nil {
@@ -262,7 +264,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if timedOut {
 			err = fb.err()
 		}
-		return t.failed(req, f, pool, o, err, last())
+		return t.failed(req, f, pool, o, err, routed && last())
 	}
 	outcome := aibalance.Outcome{
 		Status:     res.StatusCode,
@@ -308,7 +310,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			t.end(&att, outcome, pool.Prior(), probe, now)
 			fb.release()
-			return t.failed(req, f, pool, outcome, err, last())
+			return t.failed(req, f, pool, outcome, err, routed && last())
 		}
 	}
 	fb.stop()
