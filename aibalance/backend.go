@@ -144,6 +144,15 @@ func (b *Backend) CoolDown(until time.Time) {
 // be sent requests until after now.
 func (b *Backend) CoolingDown(now time.Time) bool { return b.retryAfter.Load() > now.UnixNano() }
 
+// ForgiveFailures forgets the backend's recent failures (its breaker
+// closed: it recovered).
+func (b *Backend) ForgiveFailures() {
+	b.fails.mu.Lock()
+	defer b.fails.mu.Unlock()
+	b.fails.fails, b.fails.attempts, b.fails.at = 0, 0, 0
+	b.fails.pub.Store(nil)
+}
+
 // FailureRate is the recent share of the backend's attempts that failed
 // through the backend's fault (see failureRate).
 func (b *Backend) FailureRate(now time.Time) float64 { return b.fails.rate(now) }

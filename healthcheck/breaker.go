@@ -67,6 +67,19 @@ type bucket struct {
 	attempts, fails int
 }
 
+// notClosed counts the breakers of the process that are not closed, so a
+// policy looks for backends to probe only when there are some.
+var notClosed atomic.Int64
+
+// AnyNotClosed reports whether some breaker is open or half-open.
+func AnyNotClosed() bool { return notClosed.Load() > 0 }
+
+// NeedsProbe reports whether the backend's breaker is half-open (or open
+// with its time up) with a probe free: the next request may probe it.
+func (br *Breaker) NeedsProbe(now time.Time, c *aibalance.HealthConfig) bool {
+	return br.state.Load() != stClosed && br.Allow(now, c)
+}
+
 // For returns b's circuit breaker, creating it on first use.
 func For(b *aibalance.Backend) *Breaker {
 	return b.Breaker(func() aibalance.Breaker { return &Breaker{backend: b} }).(*Breaker)
@@ -229,6 +242,9 @@ func (br *Breaker) Record(o aibalance.Outcome, probe bool, now time.Time, c *aib
 			br.consecutive, br.successes, br.opens = 0, 0, 0
 			br.window = [windowBuckets]bucket{}
 			br.transition(stClosed, fmt.Sprintf("%d probes succeeded", c.CloseAfter), now, log)
+			// it recovered: its old failures no longer count against it;
+			// slow start brings its traffic back gradually
+			br.backend.ForgiveFailures()
 			br.backend.StartRamp(now)
 		}
 	}
@@ -250,6 +266,12 @@ func (br *Breaker) open(why string, now time.Time, c *aibalance.HealthConfig, lo
 
 func (br *Breaker) transition(to int32, why string, now time.Time, log *zap.Logger) {
 	from := br.state.Swap(to)
+	switch {
+	case from == stClosed && to != stClosed:
+		notClosed.Add(1)
+	case from != stClosed && to == stClosed:
+		notClosed.Add(-1)
+	}
 	br.since.Store(now.UnixNano())
 	br.reason.Store(&why)
 	if log == nil {

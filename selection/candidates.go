@@ -2,6 +2,7 @@ package selection
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"sort"
 	"strings"
@@ -68,7 +69,7 @@ func (c *candidates) skipped(addr string) bool {
 }
 
 func (c *candidates) ok(level int, u *reverseproxy.Upstream) bool {
-	if !u.Available() || c.weight(u) <= 0 || c.skipped(u.Dial) {
+	if !u.Available() || c.weight(u) <= 0 || (level == 0 && c.skipped(u.Dial)) {
 		return false
 	}
 	if level < 2 && c.tried.Len() > 0 && c.tried.Has(u.Dial) {
@@ -108,6 +109,9 @@ func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reversepro
 	if c.health == nil {
 		c.health = c.pool.Health()
 	}
+	if u := c.probe(pool); u != nil {
+		return u
+	}
 	for level := 0; level < 3; level++ {
 		eligible := func(u *reverseproxy.Upstream) bool { return c.ok(level, u) }
 		for {
@@ -120,7 +124,7 @@ func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reversepro
 			if best == nil {
 				break
 			}
-			if !c.claim(level, best) {
+			if !c.claim(level, best) || !c.admitRamp(level, best) {
 				if c.nskip == len(c.skip) {
 					break
 				}
@@ -137,6 +141,45 @@ func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reversepro
 		}
 	}
 	return nil
+}
+
+// probe returns a backend whose breaker waits for a probe, having claimed
+// the probe, or nil. A recovering backend is probed by the next request
+// that may go to it, whatever its score: its score still carries the
+// failures that opened it, and without a probe it would never close. The
+// probe is bounded (half_open_probes), and an attempt that fails before
+// its first byte is retried elsewhere. It costs a scan of the pool only
+// while some breaker in the process is not closed.
+func (c *candidates) probe(pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
+	if c.set == nil || !c.health.BreakerOn() || !healthcheck.AnyNotClosed() {
+		return nil
+	}
+	for _, u := range pool {
+		br := healthcheck.Of(c.set.Get(u.Dial))
+		if br == nil || !br.NeedsProbe(c.now, c.health) || !c.ok(0, u) {
+			continue
+		}
+		if c.claim(0, u) {
+			c.tried.Add(u.Dial)
+			return u
+		}
+	}
+	return nil
+}
+
+// admitRamp applies slow start: a backend ramping up takes a request it
+// won with probability equal to its ramp (the share of its weight it has
+// now), else the request goes to the next best. So its traffic rises from
+// slow_start_min of what it would win to all of it, whatever the policy's
+// score: dividing a predicted time by the ramp would hold it at nothing
+// until the ramp nearly ends, since a fresh, idle backend wins by far. In
+// panic (level 1 and up) every backend is welcome.
+func (c *candidates) admitRamp(level int, u *reverseproxy.Upstream) bool {
+	if level > 0 || c.set == nil {
+		return true
+	}
+	r := c.ramp(c.set.Get(u.Dial))
+	return r >= 1 || rand.Float64() < r
 }
 
 // claim takes a half-open probe on u's breaker when it needs one; false:

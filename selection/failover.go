@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -185,10 +186,11 @@ func (t *Transport) cooldown(res *http.Response, hc *aibalance.HealthConfig, now
 }
 
 // elsewhere reports whether a retry of the request has somewhere to go: a
-// member of the pool it has not tried that is neither cooling down nor
-// kept out by its breaker.
+// member of the pool it has not tried that serves its model and is not
+// cooling down. An open breaker does not count: when every backend is out,
+// the policy's panic mode sends the retry to one anyway, and the retry is
+// as good a chance as the attempt that just failed.
 func (t *Transport) elsewhere(pool *aibalance.Pool, f *aibalance.Features, now time.Time) bool {
-	hc := pool.Health()
 	for _, addr := range pool.Members() {
 		if f.Tried.Has(addr) {
 			continue
@@ -202,21 +204,28 @@ func (t *Transport) elsewhere(pool *aibalance.Pool, f *aibalance.Features, now t
 				continue
 			}
 		}
-		if br := healthcheck.Of(b); hc.BreakerOn() && br != nil && br.Open(now) {
-			continue
-		}
 		return true
 	}
 	return false
 }
 
 // failed returns what Caddy gets for an attempt that failed before its
-// first byte: the error, for Caddy to retry, or on the request's last
+// first byte: the error as a dial error, for Caddy to retry, or on the request's last
 // attempt an answer in the API's error shape (502, or 504 for a timeout)
 // with the soonest time a backend is expected back, never an empty body.
 // A client that went away gets the error.
 func (t *Transport) failed(req *http.Request, f *aibalance.Features, pool *aibalance.Pool, o aibalance.Outcome, err error, last bool) (*http.Response, error) {
-	if !last || o.Canceled {
+	if o.Canceled {
+		return nil, err
+	}
+	if !last {
+		// no byte reached the client and the body can be replayed (see
+		// last): Caddy retries a dial error with any method. A reused
+		// connection the backend closed, a reset before the headers or
+		// a first-byte timeout is as safe to retry as a refused dial.
+		if !errors.As(err, new(reverseproxy.DialError)) {
+			err = reverseproxy.NewDialError(err)
+		}
 		return nil, err
 	}
 	now := t.clock()

@@ -160,7 +160,7 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		// Caddy's own count covers requests proxied without our transport
 		s.Inflight = max(s.Inflight, float64(u.NumRequests()))
 		mean, sd := b.Model().Score(s, f.PromptTokens, out, factor, prior, now)
-		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / (p.pool.Weight(u.Dial) * c.ramp(b))
+		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
 	}
 	var best *reverseproxy.Upstream
 	if p.ChooseAll || len(pool) <= p.Choose {
@@ -283,10 +283,9 @@ func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Re
 	best := c.pick(pool, func(u *reverseproxy.Upstream) float64 {
 		b := p.set.Get(u.Dial)
 		_, tokens := b.Inflight()
-		// the tokens it would have with this request, so that slow start
-		// holds back an idle backend too; requests break ties, a fraction
-		// of a token each
-		return (float64(tokens) + add + float64(u.NumRequests())/(1<<20)) / (p.pool.Weight(u.Dial) * c.ramp(b))
+		// the tokens it would have with this request; requests break
+		// ties, a fraction of a token each
+		return (float64(tokens) + add + float64(u.NumRequests())/(1<<20)) / p.pool.Weight(u.Dial)
 	}, nil, 0)
 	return p.finish(&c, pool, best)
 }
@@ -374,11 +373,7 @@ func (p *WeightedLeastConnSelection) Select(pool reverseproxy.UpstreamPool, r *h
 		c.set, c.health = &p.set, p.pool.Health()
 	}
 	return c.pick(pool, func(u *reverseproxy.Upstream) float64 {
-		ramp := 1.0
-		if c.set != nil {
-			ramp = c.ramp(c.set.Get(u.Dial))
-		}
-		return float64(u.NumRequests()+1) / (c.weight(u) * ramp)
+		return float64(u.NumRequests()+1) / c.weight(u)
 	}, nil, 0)
 }
 

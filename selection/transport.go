@@ -264,7 +264,10 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if timedOut {
 			err = fb.err()
 		}
-		return t.failed(req, f, pool, o, err, routed && last())
+		if !routed {
+			return nil, err // unchanged: Caddy decides retries by its type
+		}
+		return t.failed(req, f, pool, o, err, last())
 	}
 	outcome := aibalance.Outcome{
 		Status:     res.StatusCode,
@@ -310,7 +313,10 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			t.end(&att, outcome, pool.Prior(), probe, now)
 			fb.release()
-			return t.failed(req, f, pool, outcome, err, routed && last())
+			if !routed {
+				return nil, err
+			}
+			return t.failed(req, f, pool, outcome, err, last())
 		}
 	}
 	fb.stop()
