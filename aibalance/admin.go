@@ -63,7 +63,8 @@ type UpstreamView struct {
 	// State is what the balancer does with the upstream now: active;
 	// cooldown (it answered 429/503: nothing until Until); open (its
 	// circuit breaker opened: nothing until Until, then probes); half_open
-	// (a few probe requests decide); slow_start (back or new: its share of
+	// (a few probe requests decide); ejected (an outlier: far slower than
+	// its peers at the same load); slow_start (back or new: its share of
 	// its weight ramps up until Until). Reason says why; Since, when the
 	// state began where known.
 	State  string    `json:"state"`
@@ -181,9 +182,12 @@ func (b *Backend) view(now time.Time, prior *Prior, hc *HealthConfig) UpstreamVi
 		u.Breaker = br.State
 	}
 	ramping, rampFrom := b.Ramping(now, time.Duration(hc.SlowStart))
+	ejected, ejectWhy, ejectUntil := b.Ejected(now)
 	switch {
 	case b.CoolingDown(now):
 		u.State, u.Reason, u.Until = "cooldown", "answered 429/503; out until its Retry-After (or the configured cooldown) ends", b.Cooldown()
+	case ejected:
+		u.State, u.Reason, u.Until = "ejected", ejectWhy, ejectUntil
 	case br.State == "open" || br.State == "half_open":
 		u.State, u.Reason, u.Since, u.Until = br.State, br.Reason, br.Since, br.Until
 		if br.State == "half_open" {

@@ -50,6 +50,10 @@ type Backend struct {
 	breaker  atomic.Pointer[breakerBox]   // see Breaker
 	rampFrom atomic.Int64                 // unix ns a slow start began; 0: none (see Ramp)
 	models   atomic.Pointer[ServedModels] // from /v1/models; nil: unknown
+
+	ejectedUntil atomic.Int64 // unix ns: outlier ejection (see Eject)
+	ejectReason  atomic.Pointer[string]
+	ejectSamples atomic.Int64
 }
 
 // epoch is the origin of pendingSince: offsets from it, in microseconds,

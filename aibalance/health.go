@@ -64,6 +64,17 @@ type HealthConfig struct {
 	// ModelsInterval is how often each engine's /v1/models is read (with
 	// its engine metrics); negative: never. Default 10s.
 	ModelsInterval caddy.Duration `json:"models_interval,omitempty"`
+
+	// OutlierFactor turns on outlier ejection: a backend whose learned
+	// completion time for a reference request at the same light load is
+	// more than this many times its peers' median is ejected for
+	// EjectionDuration, never more than MaxEjectedPercent of the pool at
+	// once. 0: off (the default; ai_predictive already sends a slow
+	// backend only what it can finish soonest). Defaults when on: 50% and
+	// 30s.
+	OutlierFactor     float64        `json:"outlier_factor,omitempty"`
+	MaxEjectedPercent int            `json:"max_ejected_percent,omitempty"`
+	EjectionDuration  caddy.Duration `json:"ejection_duration,omitempty"`
 }
 
 // DefaultHealth holds the defaults of HealthConfig.
@@ -118,6 +129,8 @@ func (c HealthConfig) WithDefaults() HealthConfig {
 	setDur(&c.MaxCooldown, d.MaxCooldown)
 	setDur(&c.SlowStart, d.SlowStart)
 	setDur(&c.ModelsInterval, d.ModelsInterval)
+	setInt(&c.MaxEjectedPercent, 50)
+	setDur(&c.EjectionDuration, caddy.Duration(30*time.Second))
 	if c.RetryStatus == nil {
 		c.RetryStatus = d.RetryStatus
 	}
@@ -134,6 +147,8 @@ func (c HealthConfig) Validate() error {
 		return fmt.Errorf("failure_ratio must be between 0 and 1, got %g", c.FailureRatio)
 	case c.SlowStartMin < 0 || c.SlowStartMin > 1:
 		return fmt.Errorf("slow_start_min must be between 0 and 1, got %g", c.SlowStartMin)
+	case c.OutlierFactor < 0 || (c.OutlierFactor > 0 && c.OutlierFactor <= 1) || c.MaxEjectedPercent < 0 || c.MaxEjectedPercent > 100 || c.EjectionDuration < 0:
+		return fmt.Errorf("outlier ejection: the factor must be above 1 (0: off), max_ejected_percent 0..100, ejection_duration not negative")
 	case c.FailureWindow < 0 || c.OpenDuration < 0 || c.MaxOpenDuration < 0 || c.Cooldown < 0 || c.MaxCooldown < 0:
 		return fmt.Errorf("failure_window, open_duration, max_open_duration, cooldown and max_cooldown must not be negative")
 	}
@@ -289,4 +304,39 @@ type Reject struct {
 	// RetryAfter, when positive, is sent as Retry-After (whole seconds,
 	// at least 1).
 	RetryAfter time.Duration
+}
+
+// Eject takes the backend out until until, for reason (outlier
+// ejection); its slow start begins when the ejection ends. samples is its
+// model's sample count now: it is not ejected again on the same evidence.
+func (b *Backend) Eject(until time.Time, reason string, samples int64) {
+	b.ejectReason.Store(&reason)
+	b.ejectSamples.Store(samples)
+	b.ejectedUntil.Store(until.UnixNano())
+	b.rampFrom.Store(until.UnixNano())
+}
+
+// Ejected reports whether the backend is ejected at now, with the reason
+// and the end of the ejection.
+func (b *Backend) Ejected(now time.Time) (bool, string, time.Time) {
+	u := b.ejectedUntil.Load()
+	if u <= now.UnixNano() {
+		return false, "", time.Time{}
+	}
+	r := ""
+	if p := b.ejectReason.Load(); p != nil {
+		r = *p
+	}
+	return true, r, time.Unix(0, u)
+}
+
+// EjectedSamples is the model's sample count when the backend was last
+// ejected (0: never).
+func (b *Backend) EjectedSamples() int64 { return b.ejectSamples.Load() }
+
+// Due reports, to one caller per interval, that a periodic pool-wide task
+// (outlier detection) is due at now.
+func (p *Pool) Due(now time.Time, every time.Duration) bool {
+	last := p.dueAt.Load()
+	return now.UnixNano()-last >= int64(every) && p.dueAt.CompareAndSwap(last, now.UnixNano())
 }

@@ -24,6 +24,7 @@ type Pool struct {
 	last    atomic.Int64 // index+1 in the handler's upstream list of the previous winner
 	members sync.Map     // addr → struct{}: the upstreams the pool has routed to or was configured with
 	health  atomic.Pointer[HealthConfig]
+	dueAt   atomic.Int64 // unix ns of the last periodic check (see Due)
 }
 
 // AddMember records that addr belongs to the pool, reporting whether it

@@ -22,11 +22,12 @@ import (
 //
 //  0. healthy: available to Caddy, weight above zero, not already tried by
 //     this request, not cooling down after a 429/503, its circuit breaker
-//     closed (or half-open with a probe free), serving the request's model
-//     (when its models are known) with a context that fits the request;
-//  1. panic (Envoy's panic mode): every backend is out, so the breaker and
-//     the context fit are ignored — the least bad backend by score gets
-//     the request rather than nobody;
+//     closed (or half-open with a probe free), not ejected as an outlier,
+//     serving the request's model (when its models are known) with a
+//     context that fits the request;
+//  1. panic (Envoy's panic mode): every backend is out, so the breaker,
+//     ejection, slow start and the context fit are ignored — the least bad
+//     backend by score gets the request rather than nobody;
 //  2. a backend this request already tried.
 //
 // Two rules hold at every level: a backend cooling down gets nothing (it
@@ -88,6 +89,11 @@ func (c *candidates) ok(level int, u *reverseproxy.Upstream) bool {
 			return false
 		}
 		if level == 0 && context > 0 && c.f.PromptTokens+c.f.OutputLimit > context {
+			return false
+		}
+	}
+	if level == 0 && c.health.OutlierFactor > 0 {
+		if out, _, _ := b.Ejected(c.now); out {
 			return false
 		}
 	}

@@ -2,6 +2,7 @@ package selection
 
 import (
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -29,10 +30,18 @@ import (
 //	first_byte_timeout auto|off|<duration>
 //	retry_status       <status...>|off     # answers retried on another backend
 //	model_discovery    <interval>|off
+//	outlier_ejection   off | [<factor>] [{
+//	    factor      <x>          # default 3
+//	    max_ejected <percent>%   # default 50%
+//	    duration    <duration>   # default 30s
+//	}]
 var healthKeys = map[string]bool{
 	"circuit_breaker": true, "cooldown": true, "max_cooldown": true, "slow_start": true,
-	"first_byte_timeout": true, "retry_status": true, "model_discovery": true,
+	"first_byte_timeout": true, "retry_status": true, "model_discovery": true, "outlier_ejection": true,
 }
+
+// DefaultOutlierFactor is outlier_ejection's factor when none is given.
+const DefaultOutlierFactor = 3
 
 // IsHealthOption reports whether key is a health subdirective.
 func IsHealthOption(key string) bool { return healthKeys[key] }
@@ -147,6 +156,54 @@ func (t *Transport) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 			}
 			h.RetryStatus = append(h.RetryStatus, n)
 		}
+	case "outlier_ejection":
+		if len(args) == 1 && args[0] == "off" {
+			h.OutlierFactor = 0
+			return true, nil
+		}
+		if len(args) > 1 {
+			return true, d.ArgErr()
+		}
+		h.OutlierFactor = DefaultOutlierFactor
+		if len(args) == 1 {
+			f, err := parseFactor(d, args[0])
+			if err != nil {
+				return true, err
+			}
+			h.OutlierFactor = f
+		}
+		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			key := d.Val()
+			if !d.NextArg() {
+				return true, d.ArgErr()
+			}
+			v := d.Val()
+			if d.NextArg() {
+				return true, d.ArgErr()
+			}
+			switch key {
+			case "factor":
+				f, err := parseFactor(d, v)
+				if err != nil {
+					return true, err
+				}
+				h.OutlierFactor = f
+			case "max_ejected":
+				n, err := strconv.Atoi(strings.TrimSuffix(v, "%"))
+				if err != nil || n < 1 || n > 100 {
+					return true, d.Errf("max_ejected: want a percentage from 1%% to 100%%, got %q", v)
+				}
+				h.MaxEjectedPercent = n
+			case "duration":
+				dur, err := positiveDuration(d, key, v)
+				if err != nil {
+					return true, err
+				}
+				h.EjectionDuration = dur
+			default:
+				return true, d.Errf("unrecognized outlier_ejection option %q", key)
+			}
+		}
 	case "model_discovery":
 		v, err := one()
 		if err != nil {
@@ -220,4 +277,12 @@ func positiveDuration(d *caddyfile.Dispenser, key, v string) (caddy.Duration, er
 		return 0, d.Errf("%s: want a positive duration such as 5s, got %q", key, v)
 	}
 	return caddy.Duration(min(x, 365*24*time.Hour)), nil
+}
+
+func parseFactor(d *caddyfile.Dispenser, v string) (float64, error) {
+	f, err := strconv.ParseFloat(v, 64)
+	if err != nil || f <= 1 || f > 1000 {
+		return 0, d.Errf("outlier_ejection: the factor must be a number above 1, got %q", v)
+	}
+	return f, nil
 }

@@ -337,8 +337,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // end ends an attempt: its backend's counters and model, and its breaker.
 func (t *Transport) end(att *aibalance.Attempt, o aibalance.Outcome, prior *aibalance.Prior, probe bool, now time.Time) {
 	att.End(o, t.app.Lambda(), prior, now)
-	pool := t.pool
-	healthcheck.For(att.Backend()).Record(o, probe, now, pool.Health(), t.logger)
+	hc := t.pool.Health()
+	healthcheck.For(att.Backend()).Record(o, probe, now, hc, t.logger)
+	if hc.OutlierFactor > 1 && t.pool.Due(now, healthcheck.OutlierInterval) {
+		healthcheck.EjectOutliers(t.pool, t.set.Get, now, hc, t.logger)
+	}
 }
 
 // features returns the request's features. req is this attempt's shallow
