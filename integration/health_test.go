@@ -294,6 +294,16 @@ func TestShorterRetryAfterKeepsCooldown(t *testing.T) {
 	if n := len(ls.times()); n != 2 {
 		t.Fatalf("the cooling backend got %d attempts, want 2", n)
 	}
+	// the admin view says so, with the end of the cooldown
+	code, raw := adminGet(t, http.MethodGet, "/aibalance/upstreams/"+ls.addr)
+	var v aibalance.UpstreamView
+	if err := json.Unmarshal(raw, &v); err != nil || code != 200 {
+		t.Fatalf("admin view: %d %s", code, raw)
+	}
+	t.Logf("admin view: state %s until +%s: %s", v.State, time.Until(v.Until).Round(time.Second), v.Reason)
+	if v.State != "cooldown" || time.Until(v.Until) < 55*time.Second {
+		t.Fatalf("admin view: state %q until %s", v.State, v.Until)
+	}
 	if took > time.Second {
 		t.Fatalf("the balancer's own 429 took %s", took)
 	}
@@ -324,6 +334,13 @@ func TestBreakerOpensAndRecovers(t *testing.T) {
 					seen.Store(br.Status(time.Now()).State, true)
 				}
 			}
+			if _, ok := seen.Load("view"); !ok {
+				// the admin view shows the open breaker and why
+				var v aibalance.UpstreamView
+				if code, raw := adminGet(t, http.MethodGet, "/aibalance/upstreams/"+sick.Addr()); code == 200 && json.Unmarshal(raw, &v) == nil && v.State == "open" {
+					seen.Store("view", v.Reason)
+				}
+			}
 		}
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
@@ -338,6 +355,11 @@ func TestBreakerOpensAndRecovers(t *testing.T) {
 	}
 	if !opened {
 		t.Fatal("the breaker never opened on a backend failing 30% of requests")
+	}
+	why, shown := seen.Load("view")
+	t.Logf("admin view while open: %v", why)
+	if !shown || !strings.Contains(why.(string), "answered 500") {
+		t.Fatalf("the admin view never showed the open breaker with its reason (%v)", why)
 	}
 	sick.SetFaults(llmsim.Faults{})
 	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/aibalance/caddy-aibalance/aibalance"
 )
 
@@ -112,6 +114,12 @@ func (o *observedBody) finish(err error) {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
 				out.Timeout = true
+			}
+			// past its first byte an answer cannot be replayed: the
+			// client got part of it (counted as stream_errors)
+			if o.t.logger != nil {
+				o.t.logger.Warn("upstream cut the answer after it began: the client got an incomplete answer",
+					zap.String("upstream", o.att.Backend().Addr()), zap.Int64("bytes", o.bytes), zap.Error(err))
 			}
 		}
 		switch {
