@@ -210,19 +210,19 @@ func (t *Transport) elsewhere(pool *aibalance.Pool, f *aibalance.Features, now t
 }
 
 // failed returns what Caddy gets for an attempt that failed before its
-// first byte: the error as a dial error, for Caddy to retry, or on the request's last
-// attempt an answer in the API's error shape (502, or 504 for a timeout)
-// with the soonest time a backend is expected back, never an empty body.
-// A client that went away gets the error.
-func (t *Transport) failed(req *http.Request, f *aibalance.Features, pool *aibalance.Pool, o aibalance.Outcome, err error, last bool) (*http.Response, error) {
+// first byte: with retry, the error as a dial error, which Caddy retries
+// with any method (a reused connection the backend closed, a reset before
+// the headers or a first-byte timeout is as safe to retry as a refused
+// dial: no byte reached the client, and the body can be sent again);
+// otherwise, on the request's last attempt, an answer in the API's error
+// shape (502, or 504 for a timeout) with the soonest time a backend is
+// expected back, never an empty body. A client that went away gets the
+// error.
+func (t *Transport) failed(req *http.Request, f *aibalance.Features, pool *aibalance.Pool, o aibalance.Outcome, err error, retry bool) (*http.Response, error) {
 	if o.Canceled {
 		return nil, err
 	}
-	if !last {
-		// no byte reached the client and the body can be replayed (see
-		// last): Caddy retries a dial error with any method. A reused
-		// connection the backend closed, a reset before the headers or
-		// a first-byte timeout is as safe to retry as a refused dial.
+	if retry {
 		if !errors.As(err, new(reverseproxy.DialError)) {
 			err = reverseproxy.NewDialError(err)
 		}

@@ -43,9 +43,6 @@ var healthKeys = map[string]bool{
 // DefaultOutlierFactor is outlier_ejection's factor when none is given.
 const DefaultOutlierFactor = 3
 
-// IsHealthOption reports whether key is a health subdirective.
-func IsHealthOption(key string) bool { return healthKeys[key] }
-
 // unmarshalHealth parses one health subdirective into t.Health, reporting
 // whether it was one.
 func (t *Transport) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {

@@ -27,8 +27,10 @@ import (
 // stream and refuses a retry (Select returns nil) once an earlier attempt
 // has read a byte of it. A retry after a dial error, which reads nothing,
 // still goes. When Select returns nil, Caddy ends the request with the
-// last attempt's error: the upstream's own status for a retried answer
-// (lb_retry_match), 502 for a transport error.
+// last attempt's error. (The aibalance transport does not ask for such a
+// retry in the first place: when the body cannot be sent again it gives
+// the client the backend's own answer, or a JSON error; see
+// bodyGuard.replayable. Retries asked by lb_retry_match meet the guard.)
 type bodyGuard struct {
 	// requestBuffers is the handler's request_buffers: bodies shorter are
 	// replayed by Caddy and need no guard

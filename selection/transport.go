@@ -219,24 +219,35 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	b := t.set.Get(di.Upstream.Dial)
 	t.scrapeOnce(di.Upstream.Dial)
-	routed := pool != nil // by a policy of ours: it counts the attempts
+	start := t.clock()
 	if pool == nil {
+		// another policy (Caddy's own) chose: the transport counts the
+		// request's attempts itself
 		pool = t.pool
 		if pool.AddMember(di.Upstream.Dial) {
-			t.set.RampNewcomers(pool.Members(), t.clock())
+			t.set.RampNewcomers(pool.Members(), start)
 		}
+		f.Selects++
+		if f.Start.IsZero() {
+			f.Start = start
+		}
+		f.Tried.Add(di.Upstream.Dial)
 	}
 	hc := pool.Health()
 	probe := f.Probe == di.Upstream.Dial
 	if probe {
 		f.Probe = ""
 	}
-	start := t.clock()
 	att := b.Begin(f, pool.Prior(), start)
-	// whether Caddy will not try again after this attempt: asked only
-	// when the attempt failed
-	last := func() bool {
-		return !routed || t.budget.last(f, start) || !t.body.replayable(req) || !t.elsewhere(pool, f, start)
+	// retry reports whether Caddy's loop will try this request again
+	// elsewhere if the transport hands it a dial error: attempts left, a
+	// body it can send again (nothing of it read, for a refused dial), and
+	// an untried backend. Asked only when the attempt failed.
+	// With lb_try_duration the loop goes on trying for that long, the same
+	// backend included (one restarting, say).
+	retry := func(dialed bool) bool {
+		return !t.budget.last(f, start) && (dialed || t.body.replayable(req)) &&
+			(t.budget.tryDuration > 0 || t.elsewhere(pool, f, start))
 	}
 
 	fb := newFirstByte(t.firstByteDeadline(b, f, hc, pool.Prior(), start))
@@ -264,17 +275,14 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if timedOut {
 			err = fb.err()
 		}
-		if !routed {
-			return nil, err // unchanged: Caddy decides retries by its type
-		}
-		return t.failed(req, f, pool, o, err, last())
+		return t.failed(req, f, pool, o, err, retry(o.DialError))
 	}
 	outcome := aibalance.Outcome{
 		Status:     res.StatusCode,
 		Headers:    t.clock().Sub(start),
 		RetryAfter: t.cooldown(res, hc, start),
 	}
-	if hc.Retries(res.StatusCode) && !last() {
+	if hc.Retries(res.StatusCode) && retry(false) {
 		// another backend may answer: Caddy retries a dial error with any
 		// method, and the body was never sent to the client
 		fb.stop()
@@ -313,10 +321,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			t.end(&att, outcome, pool.Prior(), probe, now)
 			fb.release()
-			if !routed {
-				return nil, err
-			}
-			return t.failed(req, f, pool, outcome, err, last())
+			return t.failed(req, f, pool, outcome, err, retry(false))
 		}
 	}
 	fb.stop()
