@@ -51,6 +51,7 @@ type Breaker struct {
 	until  atomic.Int64 // unix ns: an open breaker admits probes from then
 	since  atomic.Int64 // unix ns of the last transition
 	probes atomic.Int32 // half-open probes in flight
+	probed atomic.Int64 // unix ns the last probe was claimed
 	reason atomic.Pointer[string]
 
 	mu          sync.Mutex
@@ -129,7 +130,18 @@ func (br *Breaker) Allow(now time.Time, c *aibalance.HealthConfig) bool {
 			return false
 		}
 	}
-	return int(br.probes.Load()) < max(c.HalfOpenProbes, 1)
+	return br.probeFree(now, c)
+}
+
+// probeLost is how long a claimed probe may go unreported before its slot
+// is given to another request: a request whose attempt never reached the
+// transport (another transport, an error before the round trip) must not
+// leave the breaker half-open for ever. A probe still running then (a long
+// generation) only lets one more in.
+const probeLost = time.Minute
+
+func (br *Breaker) probeFree(now time.Time, c *aibalance.HealthConfig) bool {
+	return int(br.probes.Load()) < max(c.HalfOpenProbes, 1) || now.UnixNano()-br.probed.Load() > int64(probeLost)
 }
 
 // Open reports whether the breaker keeps the backend out at now.
@@ -157,10 +169,14 @@ func (br *Breaker) Probe(now time.Time, c *aibalance.HealthConfig, log *zap.Logg
 		br.successes = 0
 		br.transition(stHalfOpen, "open time over: probing", now, log)
 	}
-	if int(br.probes.Load()) >= max(c.HalfOpenProbes, 1) {
+	if !br.probeFree(now, c) {
 		return false, false
 	}
+	if int(br.probes.Load()) >= max(c.HalfOpenProbes, 1) {
+		br.probes.Store(0) // lost: see probeLost
+	}
 	br.probes.Add(1)
+	br.probed.Store(now.UnixNano())
 	return true, true
 }
 
@@ -198,8 +214,8 @@ func judge(o aibalance.Outcome) (verdict, string) {
 // Record takes the outcome of an attempt at now (probe: the attempt held a
 // probe from Probe) and moves the breaker, logging every transition.
 func (br *Breaker) Record(o aibalance.Outcome, probe bool, now time.Time, c *aibalance.HealthConfig, log *zap.Logger) {
-	if probe {
-		br.probes.Add(-1)
+	if probe && br.probes.Add(-1) < 0 {
+		br.probes.Store(0) // its slot was taken back as lost
 	}
 	v, why := judge(o)
 	if v == neutral || !c.BreakerOn() {

@@ -205,3 +205,28 @@ func TestBreakerConcurrent(t *testing.T) {
 		t.Fatalf("probes in flight %d after every attempt ended", p)
 	}
 }
+
+// TestBreakerLostProbe: a probe claimed for a request whose attempt never
+// reported does not keep the breaker half-open for ever.
+func TestBreakerLostProbe(t *testing.T) {
+	br, c := testBreaker(t)
+	now := time.Unix(1000, 0)
+	br.Record(dialFail, false, now, c, nil)
+	now = br.Status(now).Until
+	if _, probe := br.Probe(now, c, nil); !probe {
+		t.Fatal("no probe")
+	}
+	if ok, _ := br.Probe(now.Add(time.Second), c, nil); ok {
+		t.Fatal("a second probe while the first runs")
+	}
+	later := now.Add(probeLost + time.Second)
+	ok, probe := br.Probe(later, c, nil)
+	if !ok || !probe {
+		t.Fatal("a lost probe kept the breaker half-open")
+	}
+	br.Record(ok200, true, later, c, nil)
+	br.Record(ok200, true, later, c, nil) // the lost one reports after all
+	if p := br.probes.Load(); p < 0 {
+		t.Fatalf("probes in flight %d", p)
+	}
+}
