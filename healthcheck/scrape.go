@@ -305,12 +305,11 @@ func (s *Scraper) poll(ctx context.Context) {
 	if s.failing {
 		log.Debug("engine metrics scrape recovered", zap.Int("failures", s.failures))
 		s.failing, s.failures = false, 0
-		s.modelsAt = time.Time{} // read the models again: it may be a new engine
-		if !s.engineSeen() {
-			// it never answered before: it is starting, not restarting
-		} else {
-			b.StartRamp(m.At)
-		}
+		// read the models again: it may be a new engine. (A scrape that
+		// failed says nothing of a restart — a busy engine answers its
+		// metrics late — so it starts no slow start: a restart shows in
+		// the process start time, a crash in the breaker.)
+		s.modelsAt = time.Time{}
 	}
 	if m.StartTime > 0 {
 		if s.started > 0 && m.StartTime != s.started {
@@ -326,9 +325,6 @@ func (s *Scraper) poll(ctx context.Context) {
 		s.engine = m.Engine
 	}
 }
-
-// engineSeen reports whether a scrape ever succeeded before this one.
-func (s *Scraper) engineSeen() bool { return s.engine != "" }
 
 // pollModels reads the engine's model list when it is due. A list the
 // engine refuses or does not have makes its models unknown (it may serve
