@@ -180,7 +180,7 @@ type Scraper struct {
 	engine    string
 	published time.Time // At of the last sample published
 	modelsAt  time.Time // when the model list was last read (or tried)
-	started   float64   // the engine's process start time, when it exports one
+	started   float64   // the latest process start time the engine exported
 }
 
 // NewScraper returns a stopped scraper of addr's engine metrics, publishing
@@ -311,8 +311,11 @@ func (s *Scraper) poll(ctx context.Context) {
 		// the process start time, a crash in the breaker.)
 		s.modelsAt = time.Time{}
 	}
-	if m.StartTime > 0 {
-		if s.started > 0 && m.StartTime != s.started {
+	// A later start time than any seen is a restart. Only later: one
+	// address may front several engine processes (a Kubernetes service),
+	// whose start times alternate from scrape to scrape.
+	if m.StartTime > s.started {
+		if s.started > 0 {
 			log.Info("engine restarted: slow start", zap.Float64("process_start_time", m.StartTime))
 			b.StartRamp(m.At)
 			s.modelsAt = time.Time{}

@@ -490,3 +490,35 @@ func TestScrapeConfig(t *testing.T) {
 		})
 	}
 }
+
+// TestScraperRestartStartsSlowStart: a later process start time than any
+// seen is a restart and starts the backend's slow start; an earlier one
+// (another process behind the same address) is not.
+func TestScraperRestartStartsSlowStart(t *testing.T) {
+	engine := func(start string) string {
+		return "vllm:num_requests_running 1\nvllm:num_requests_waiting 0\nprocess_start_time_seconds " + start + "\n"
+	}
+	ms := startMetricsServer(t, engine("1000"))
+	var set aibalance.BackendSet
+	defer set.Release()
+	b := set.Get(ms.addr)
+	s, err := NewScraper(ms.addr, fastConfig(), nil, b, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ramping := func() bool { r, _ := b.Ramping(time.Now(), time.Minute); return r }
+	s.poll(context.Background())
+	ms.set(http.StatusOK, engine("900")) // another process behind the address
+	s.poll(context.Background())
+	if ramping() {
+		t.Fatal("a first start time, or an earlier one, started a slow start")
+	}
+	ms.set(http.StatusOK, engine("2000"))
+	s.poll(context.Background())
+	if !ramping() {
+		t.Fatal("a restart (later start time) did not start a slow start")
+	}
+	if m, _ := b.Engine(time.Now()); m.StartTime != 2000 {
+		t.Fatalf("start time %v", m.StartTime)
+	}
+}
