@@ -185,9 +185,11 @@ func (b *Backend) view(now time.Time, prior *Prior, hc *HealthConfig) UpstreamVi
 	ejected, ejectWhy, ejectUntil := b.Ejected(now)
 	switch {
 	case b.CoolingDown(now):
-		u.State, u.Reason, u.Until = "cooldown", "answered 429/503; out until its Retry-After (or the configured cooldown) ends", b.Cooldown()
+		u.State, u.Since, u.Until = "cooldown", b.CooldownSince(), b.Cooldown()
+		u.Reason = fmt.Sprintf("answered 429/503: out for %s (its Retry-After, capped by max_cooldown, or the configured cooldown)", u.Until.Sub(u.Since).Round(time.Millisecond))
 	case ejected:
 		u.State, u.Reason, u.Until = "ejected", ejectWhy, ejectUntil
+		u.Since = ejectUntil.Add(-time.Duration(hc.EjectionDuration))
 	case br.State == "open" || br.State == "half_open":
 		u.State, u.Reason, u.Since, u.Until = br.State, br.Reason, br.Since, br.Until
 		if br.State == "half_open" {

@@ -42,6 +42,7 @@ type Backend struct {
 	ttftNanos    atomic.Int64
 	headerNanos  atomic.Int64
 	retryAfter   atomic.Int64 // unix ns until which the backend asked not to be sent more (429/503 Retry-After)
+	cooldownFrom atomic.Int64 // unix ns the cooldown began
 
 	fails    failureRate
 	recent   recentRate
@@ -127,10 +128,10 @@ func (b *Backend) Cooldown() time.Time {
 	return time.Time{}
 }
 
-// CoolDown takes the backend out until until (a 429 or 503 asked for a
+// CoolDown takes the backend out from from until until (a 429 or 503 asked for a
 // pause). A later, shorter cooldown never shortens a running one. The
 // backend's slow start begins when it ends.
-func (b *Backend) CoolDown(until time.Time) {
+func (b *Backend) CoolDown(from, until time.Time) {
 	u := until.UnixNano()
 	for {
 		cur := b.retryAfter.Load()
@@ -138,10 +139,21 @@ func (b *Backend) CoolDown(until time.Time) {
 			return
 		}
 		if b.retryAfter.CompareAndSwap(cur, u) {
+			if cur <= from.UnixNano() { // a new cooldown, not a longer one
+				b.cooldownFrom.Store(from.UnixNano())
+			}
 			b.rampFrom.Store(u)
 			return
 		}
 	}
+}
+
+// CooldownSince is when the running (or last) cooldown began.
+func (b *Backend) CooldownSince() time.Time {
+	if t := b.cooldownFrom.Load(); t > 0 {
+		return time.Unix(0, t)
+	}
+	return time.Time{}
 }
 
 // CoolingDown reports whether the backend asked, with Retry-After, not to
@@ -350,7 +362,7 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 		b.streamErrors.Add(1)
 	}
 	if o.RetryAfter > 0 {
-		b.CoolDown(now.Add(o.RetryAfter))
+		b.CoolDown(now, now.Add(o.RetryAfter))
 	}
 	failed := o.Failed()
 	if failed || (a.work && o.Status >= 200 && o.Status < 300 && !o.Canceled) {

@@ -151,11 +151,20 @@ func (c HealthConfig) Validate() error {
 		return fmt.Errorf("outlier ejection: the factor must be above 1 (0: off), max_ejected_percent 0..100, ejection_duration not negative")
 	case c.FailureWindow < 0 || c.OpenDuration < 0 || c.MaxOpenDuration < 0 || c.Cooldown < 0 || c.MaxCooldown < 0:
 		return fmt.Errorf("failure_window, open_duration, max_open_duration, cooldown and max_cooldown must not be negative")
+	case c.OpenDuration > 0 && c.MaxOpenDuration > 0 && c.OpenDuration > c.MaxOpenDuration:
+		return fmt.Errorf("open_duration %s is longer than max_open_duration %s", time.Duration(c.OpenDuration), time.Duration(c.MaxOpenDuration))
+	case c.Cooldown > 0 && c.MaxCooldown > 0 && c.Cooldown > c.MaxCooldown:
+		return fmt.Errorf("cooldown %s is longer than max_cooldown %s, which caps it", time.Duration(c.Cooldown), time.Duration(c.MaxCooldown))
 	}
+	seen := map[int]bool{}
 	for _, s := range c.RetryStatus {
 		if s != 0 && (s < 400 || s > 599) {
 			return fmt.Errorf("retry_status: %d is not an error status (400-599)", s)
 		}
+		if seen[s] {
+			return fmt.Errorf("retry_status: %d is listed twice", s)
+		}
+		seen[s] = true
 	}
 	return nil
 }

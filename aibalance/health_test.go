@@ -41,8 +41,8 @@ func TestRampAndNewcomers(t *testing.T) {
 	// a cooldown starts the ramp when it ends; a shorter one never
 	// shortens it
 	b := set.Get(addrs[1])
-	b.CoolDown(now.Add(60 * time.Second))
-	b.CoolDown(now.Add(time.Second))
+	b.CoolDown(now, now.Add(60*time.Second))
+	b.CoolDown(now, now.Add(time.Second))
 	if !b.CoolingDown(now.Add(30*time.Second)) || b.Ramp(now.Add(61*time.Second), 30*time.Second, 0.1) >= 0.2 {
 		t.Fatal("a later, shorter cooldown shortened a running one, or no ramp after it")
 	}

@@ -199,6 +199,9 @@ func applyEngine(tok caddyfile.Token, rp *reverseproxy.Handler, eng *selection.T
 	if eng.MetricsTimeout != 0 {
 		t.MetricsTimeout = eng.MetricsTimeout
 	}
+	if err := t.CheckHealth(); err != nil {
+		return errAt(tok, "ai_proxy: %v", err)
+	}
 	rp.TransportRaw = caddyconfig.JSONModuleObject(t, "protocol", "aibalance", nil)
 	return nil
 }

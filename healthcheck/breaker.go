@@ -54,10 +54,13 @@ type Breaker struct {
 	probed atomic.Int64 // unix ns the last probe was claimed
 	reason atomic.Pointer[string]
 
+	last atomic.Pointer[aibalance.HealthConfig] // the config of the latest Record or Probe, for the scraper's signals
+
 	mu          sync.Mutex
-	consecutive int // failures in a row
-	successes   int // half-open successes in a row
-	opens       int // opens since the breaker last closed: the backoff
+	down        bool // open because the engine could not be reached: its scraper may reopen it for probes
+	consecutive int  // failures in a row
+	successes   int  // half-open successes in a row
+	opens       int  // opens since the breaker last closed: the backoff
 	window      [windowBuckets]bucket
 }
 
@@ -111,6 +114,7 @@ func (br *Breaker) Status(now time.Time) aibalance.HealthStatus {
 			s.State, s.Eligible = Open, false
 		} else {
 			s.State = HalfOpen
+			s.Reason = "open time over: the next request probes it (opened: " + s.Reason + ")"
 		}
 	case stHalfOpen:
 		s.State = HalfOpen
@@ -154,6 +158,7 @@ func (br *Breaker) Open(now time.Time) bool {
 // taken, pick another) and whether it is a probe, to be given back by
 // Record.
 func (br *Breaker) Probe(now time.Time, c *aibalance.HealthConfig, log *zap.Logger) (ok, probe bool) {
+	br.last.Store(c)
 	if br.state.Load() == stClosed {
 		return true, false
 	}
@@ -217,6 +222,7 @@ func (br *Breaker) Record(o aibalance.Outcome, probe bool, now time.Time, c *aib
 	if probe && br.probes.Add(-1) < 0 {
 		br.probes.Store(0) // its slot was taken back as lost
 	}
+	br.last.Store(c)
 	v, why := judge(o)
 	if v == neutral || !c.BreakerOn() {
 		return
@@ -238,6 +244,7 @@ func (br *Breaker) Record(o aibalance.Outcome, probe bool, now time.Time, c *aib
 		switch {
 		case o.DialError && !o.Timeout:
 			br.open(why+": the engine is down", now, c, log)
+			br.down = true
 		case br.consecutive >= c.ConsecutiveFailures:
 			br.open(fmt.Sprintf("%d failures in a row (last: %s)", br.consecutive, why), now, c, log)
 		case attempts >= c.MinRequests && float64(fails) >= c.FailureRatio*float64(attempts):
@@ -251,6 +258,7 @@ func (br *Breaker) Record(o aibalance.Outcome, probe bool, now time.Time, c *aib
 		}
 		if v == failure {
 			br.open("probe failed: "+why, now, c, log)
+			br.down = o.DialError && !o.Timeout
 			return
 		}
 		br.successes++
@@ -275,7 +283,7 @@ func (br *Breaker) open(why string, now time.Time, c *aibalance.HealthConfig, lo
 	}
 	d = min(d, time.Duration(c.MaxOpenDuration))
 	br.opens++
-	br.successes, br.consecutive = 0, 0
+	br.successes, br.consecutive, br.down = 0, 0, false
 	br.until.Store(now.Add(d).UnixNano())
 	br.transition(stOpen, fmt.Sprintf("%s; out for %s", why, d), now, log)
 }
@@ -323,4 +331,51 @@ func (br *Breaker) counts(t int64, window time.Duration) (attempts, fails int) {
 		}
 	}
 	return attempts, fails
+}
+
+// EngineDown is the engine scraper's word that the engine refuses
+// connections at now (its metrics are served on its own port): a closed
+// breaker opens, and an open one stays open while it lasts, so no client
+// request is sent to probe an engine known to be down.
+func (br *Breaker) EngineDown(now time.Time, why string, log *zap.Logger) {
+	c := br.last.Load()
+	if c == nil {
+		d := aibalance.DefaultHealth.WithDefaults()
+		c = &d
+	}
+	if !c.BreakerOn() {
+		return
+	}
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	switch br.state.Load() {
+	case stOpen:
+		if until := now.Add(time.Duration(c.OpenDuration)).UnixNano(); until > br.until.Load() {
+			br.until.Store(until)
+		}
+		br.down = true
+	default:
+		br.open(why+": the engine is down", now, c, log)
+		br.down = true
+	}
+}
+
+// EngineUp is the scraper's word that the engine answers again at now: a
+// breaker opened because it could not be reached lets probes in at once
+// instead of waiting out its open time.
+func (br *Breaker) EngineUp(now time.Time, log *zap.Logger) {
+	if br.state.Load() != stOpen {
+		return
+	}
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	if br.state.Load() != stOpen || !br.down || now.UnixNano() >= br.until.Load() {
+		return
+	}
+	br.until.Store(now.UnixNano())
+	why := "the engine answers its metrics again: probing"
+	br.reason.Store(&why)
+	if log != nil {
+		log.Info("circuit breaker: engine reachable again", zap.String("upstream", br.backend.Addr()))
+	}
 }

@@ -230,3 +230,37 @@ func TestBreakerLostProbe(t *testing.T) {
 		t.Fatalf("probes in flight %d", p)
 	}
 }
+
+// TestBreakerEngineSignals: the scraper's "refused" opens the breaker and
+// keeps it open while it lasts; its "answers again" lets probes in at once,
+// but only for a breaker opened because the engine was unreachable.
+func TestBreakerEngineSignals(t *testing.T) {
+	br, c := testBreaker(t)
+	now := time.Unix(1000, 0)
+	br.Record(ok200, false, now, c, nil)
+	br.EngineDown(now, "refused", nil)
+	if st := br.Status(now); st.State != Open || !strings.Contains(st.Reason, "refused") {
+		t.Fatalf("engine down: %+v", st)
+	}
+	// still down when the open time ends: no probes
+	later := now.Add(time.Duration(c.OpenDuration) - time.Second)
+	br.EngineDown(later, "refused", nil)
+	if br.Allow(now.Add(time.Duration(c.OpenDuration)+time.Second), c) {
+		t.Fatal("probes allowed while the scraper says the engine is down")
+	}
+	back := later.Add(500 * time.Millisecond)
+	br.EngineUp(back, nil)
+	if !br.Allow(back, c) {
+		t.Fatal("the engine answers again but no probe is allowed")
+	}
+
+	// a breaker opened by 500s is not reopened by the scraper
+	br2, _ := testBreaker(t, "500s")
+	for i := 0; i < c.ConsecutiveFailures; i++ {
+		br2.Record(ok500, false, now, c, nil)
+	}
+	br2.EngineUp(now.Add(time.Second), nil)
+	if br2.Allow(now.Add(time.Second), c) {
+		t.Fatal("a scrape ended the open time of a breaker opened by 500s")
+	}
+}

@@ -291,6 +291,12 @@ func (s *Scraper) poll(ctx context.Context) {
 	log := s.logger.Load()
 	b := s.backend.Load()
 	if err != nil {
+		// an engine that refuses connections on its own port is down:
+		// its breaker need not wait for a client request to learn it
+		var op *net.OpError
+		if s.cfg.Port == 0 && errors.As(err, &op) && op.Op == "dial" {
+			For(b).EngineDown(s.now(), "its metrics endpoint refused the connection", log)
+		}
 		// Log changes of state, not every failure: a down upstream would
 		// otherwise log every interval. The old sample goes stale by itself.
 		s.failures++
@@ -302,6 +308,9 @@ func (s *Scraper) poll(ctx context.Context) {
 	}
 	b.SetEngine(m, 3*s.cfg.Interval)
 	s.published = m.At
+	if br := Of(b); br != nil && s.cfg.Port == 0 {
+		br.EngineUp(m.At, log)
+	}
 	if s.failing {
 		log.Debug("engine metrics scrape recovered", zap.Int("failures", s.failures))
 		s.failing, s.failures = false, 0

@@ -462,10 +462,28 @@ func TestModelAwareRouting(t *testing.T) {
 		t.Fatalf("model-a backends served %d, model-b backends %d: want 20 each", a, b)
 	}
 
+	// the pool's model list is the union of its backends'
+	resp, err := http.Get(base + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list struct {
+		Data []struct {
+			ID          string `json:"id"`
+			MaxModelLen int    `json:"max_model_len"`
+		}
+	}
+	err = json.NewDecoder(resp.Body).Decode(&list)
+	resp.Body.Close()
+	t.Logf("GET /v1/models through the proxy: %+v", list.Data)
+	if err != nil || len(list.Data) != 2 || list.Data[0].ID != "model-a" || list.Data[0].MaxModelLen != 8192 || list.Data[1].ID != "model-b" {
+		t.Fatalf("GET /v1/models: %v %+v, want model-a (8192) and model-b", err, list.Data)
+	}
+
 	start := time.Now()
 	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(string(llmsim.ChatBody("no-such-model", "hello", 8, false))))
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
+	resp, err = http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

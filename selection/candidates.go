@@ -211,7 +211,7 @@ func (c *candidates) claim(level int, u *reverseproxy.Upstream) bool {
 // every backend that could serve it is cooling down, 503 otherwise.
 func (c *candidates) reject(pool reverseproxy.UpstreamPool) *aibalance.Reject {
 	var served []string
-	known, cooling := 0, false
+	known, serving, cooling := 0, 0, false
 	var soonest time.Time
 	for _, u := range pool {
 		if c.set == nil {
@@ -231,6 +231,7 @@ func (c *candidates) reject(pool reverseproxy.UpstreamPool) *aibalance.Reject {
 			if !serves {
 				continue
 			}
+			serving++
 		}
 		if b.CoolingDown(c.now) {
 			cooling = true
@@ -239,7 +240,7 @@ func (c *candidates) reject(pool reverseproxy.UpstreamPool) *aibalance.Reject {
 			}
 		}
 	}
-	if c.f != nil && c.f.Model != "" && known == len(pool) && known > 0 {
+	if c.f != nil && c.f.Model != "" && known == len(pool) && known > 0 && serving == 0 {
 		return modelNotFound(c.f.Model, served)
 	}
 	if cooling {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sort"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -315,3 +316,52 @@ func rejectResponse(req *http.Request, api aibalance.API, rej *aibalance.Reject)
 // drain reads a little of what is left of a body so its connection can be
 // reused.
 func drain(r io.Reader) { _, _ = io.Copy(io.Discard, io.LimitReader(r, 64<<10)) }
+
+// modelList answers GET /v1/models for the whole pool when every member's
+// models are known: the union of what they serve, in the OpenAI list
+// shape, each with the largest context a member gives it. One backend's
+// own list would hide the models only the others serve. nil: pass the
+// request through (some member's models are unknown).
+func (t *Transport) modelList(req *http.Request, pool *aibalance.Pool) *http.Response {
+	if pool == nil {
+		pool = t.pool
+	}
+	members := pool.Members()
+	if len(members) == 0 {
+		return nil
+	}
+	ctx := map[string]int{}
+	var created int64
+	for _, addr := range members {
+		m := t.set.Get(addr).Models()
+		if m == nil {
+			return nil
+		}
+		for id, c := range m.Context {
+			ctx[id] = max(ctx[id], c)
+		}
+		created = max(created, m.At.Unix())
+	}
+	ids := make([]string, 0, len(ctx))
+	for id := range ctx {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	data := make([]map[string]any, 0, len(ids))
+	for _, id := range ids {
+		e := map[string]any{"id": id, "object": "model", "created": created, "owned_by": "aibalance"}
+		if ctx[id] > 0 {
+			e["max_model_len"] = ctx[id]
+		}
+		data = append(data, e)
+	}
+	b, _ := json.Marshal(map[string]any{"object": "list", "data": data})
+	h := http.Header{}
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(b)))
+	h.Set("X-Aibalance-Models", "pool")
+	return &http.Response{
+		Status: "200 OK", StatusCode: http.StatusOK, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: h, Body: io.NopCloser(bytes.NewReader(b)), ContentLength: int64(len(b)), Request: req,
+	}
+}

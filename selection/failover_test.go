@@ -139,3 +139,38 @@ func TestRejectResponse(t *testing.T) {
 		}
 	}
 }
+
+// TestPolicyRejects: with nothing eligible, the policy's own answer says
+// why: 404 only when no backend serves the model, 429 with the soonest
+// end when every backend that serves it cools down.
+func TestPolicyRejects(t *testing.T) {
+	p := newPredictive(2, true)
+	p.ours = true
+	defer p.set.Release()
+	pool := testPool(t, 2)
+	now := time.Now()
+	for _, u := range pool {
+		p.set.Get(u.Dial).SetModels(&aibalance.ServedModels{Context: map[string]int{"m": 8192}})
+	}
+	sel := func(model string) *aibalance.Features {
+		r := varsRequest()
+		f := p.app.Features(r)
+		f.Model = model
+		if u := p.Select(pool, r, nil); u == nil {
+			t.Fatalf("model %q: nil upstream", model)
+		}
+		return f
+	}
+	if f := sel("m"); f.Reject != nil {
+		t.Fatalf("a served model was rejected: %+v", f.Reject)
+	}
+	if f := sel("other"); f.Reject == nil || f.Reject.Status != 404 || f.Reject.Code != "model_not_found" || !strings.Contains(f.Reject.Message, "Served models: m.") {
+		t.Fatalf("an unserved model: %+v", f.Reject)
+	}
+	p.set.Get(pool[0].Dial).CoolDown(now, now.Add(10 * time.Second))
+	p.set.Get(pool[1].Dial).CoolDown(now, now.Add(3 * time.Second))
+	f := sel("m")
+	if f.Reject == nil || f.Reject.Status != 429 || f.Reject.RetryAfter > 3*time.Second || f.Reject.RetryAfter < 2*time.Second {
+		t.Fatalf("every backend cooling down: %+v, want 429 with the soonest end", f.Reject)
+	}
+}

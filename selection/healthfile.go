@@ -30,7 +30,7 @@ import (
 //	first_byte_timeout auto|off|<duration>
 //	retry_status       <status...>|off     # answers retried on another backend
 //	model_discovery    <interval>|off
-//	outlier_ejection   off | [<factor>] [{
+//	outlier_ejection   off | [<factor>] [{    # a bare outlier_ejection: factor 3
 //	    factor      <x>          # default 3
 //	    max_ejected <percent>%   # default 50%
 //	    duration    <duration>   # default 30s
@@ -78,10 +78,18 @@ func (t *Transport) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 		if len(args) > 0 {
 			return true, d.Errf("circuit_breaker: want off or a block, got %q", args[0])
 		}
+		inner := map[string]bool{}
 		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			if inner[d.Val()] {
+				return true, d.Errf("circuit_breaker: %s already specified", d.Val())
+			}
+			inner[d.Val()] = true
 			if err := parseBreaker(d, h); err != nil {
 				return true, err
 			}
+		}
+		if len(inner) == 0 {
+			return true, d.Err("circuit_breaker: want off or a block of options (the breaker is on by default)")
 		}
 	case "cooldown", "max_cooldown":
 		v, err := one()
@@ -169,8 +177,13 @@ func (t *Transport) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 			}
 			h.OutlierFactor = f
 		}
+		inner := map[string]bool{}
 		for nesting := d.Nesting(); d.NextBlock(nesting); {
 			key := d.Val()
+			if inner[key] {
+				return true, d.Errf("outlier_ejection: %s already specified", key)
+			}
+			inner[key] = true
 			if !d.NextArg() {
 				return true, d.ArgErr()
 			}

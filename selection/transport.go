@@ -154,10 +154,8 @@ func (t *Transport) Validate() error {
 	if t.MetricsInterval < 0 || t.MetricsTimeout < 0 || t.MetricsPort < 0 || t.MetricsPort > 65535 {
 		return fmt.Errorf("transport aibalance: metrics_interval, metrics_timeout and metrics_port must not be negative (port at most 65535)")
 	}
-	if t.Health != nil {
-		if err := t.Health.Validate(); err != nil {
-			return fmt.Errorf("transport aibalance: health: %w", err)
-		}
+	if err := t.CheckHealth(); err != nil {
+		return fmt.Errorf("transport aibalance: %w", err)
 	}
 	return nil
 }
@@ -216,6 +214,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		rej := f.Reject
 		f.Reject = nil
 		return rejectResponse(req, f.API, rej), nil
+	}
+	if req.Method == http.MethodGet && req.URL.Path == "/v1/models" {
+		if res := t.modelList(req, pool); res != nil {
+			return res, nil
+		}
 	}
 	b := t.set.Get(di.Upstream.Dial)
 	t.scrapeOnce(di.Upstream.Dial)
@@ -363,6 +366,21 @@ func (t *Transport) features(req *http.Request) *aibalance.Features {
 	return aibalance.HeaderFeatures(req, t.app.FeatureConfig())
 }
 
+// CheckHealth checks the health options, alone and against the engine
+// options (for adapt-time errors as well as Validate).
+func (t *Transport) CheckHealth() error {
+	if t.Health == nil {
+		return nil
+	}
+	if err := t.Health.Validate(); err != nil {
+		return err
+	}
+	if t.Engine == healthcheck.EngineNone && t.Health.ModelsInterval > 0 {
+		return fmt.Errorf("model_discovery reads /v1/models with the engine scraper, which engine none turns off")
+	}
+	return nil
+}
+
 // UnmarshalCaddyfile sets up the transport from Caddyfile tokens. It takes
 // the engine-metrics subdirectives and every subdirective of the http
 // transport:
@@ -393,6 +411,9 @@ func (t *Transport) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if !handled {
 			tokens = append(tokens, d.NextSegment()...)
 		}
+	}
+	if err := t.CheckHealth(); err != nil {
+		return d.Errf("transport aibalance: %v", err)
 	}
 	closing := header // not a copy of the last token, which may be quoted
 	closing.Text, closing.Line = "}", tokens[len(tokens)-1].Line+1

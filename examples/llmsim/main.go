@@ -40,6 +40,8 @@ func main() {
 	reject := flag.Int("reject-above-queue", 0, "answer 429 + Retry-After when this many requests wait (0: never)")
 	cut := flag.Float64("cut-rate", 0, "share of streams cut off half-way")
 	hang := flag.Float64("hang-rate", 0, "share of requests never answered")
+	rejectRate := flag.Float64("reject-rate", 0, "share of requests answered 429 + Retry-After at once (1: always)")
+	retryAfter := flag.Duration("retry-after", time.Second, "the Retry-After of 429 answers (whole seconds)")
 	startup := flag.Duration("startup-delay", 0, "answer 503 for this long after starting")
 	flag.Parse()
 
@@ -53,7 +55,7 @@ func main() {
 		}
 		cfgs[i] = llmsim.Config{
 			Model: *model, Speed: sp,
-			Faults: llmsim.Faults{ErrorRate: *errRate, RejectAboveQueue: *reject, CutRate: *cut, HangRate: *hang, StartupDelay: *startup},
+			Faults: llmsim.Faults{ErrorRate: *errRate, RejectAboveQueue: *reject, RejectRate: *rejectRate, RetryAfter: *retryAfter, CutRate: *cut, HangRate: *hang, StartupDelay: *startup},
 		}
 	}
 	perEngine("max-running", *slots, n, func(i int, v string) error {
