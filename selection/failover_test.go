@@ -167,8 +167,8 @@ func TestPolicyRejects(t *testing.T) {
 	if f := sel("other"); f.Reject == nil || f.Reject.Status != 404 || f.Reject.Code != "model_not_found" || !strings.Contains(f.Reject.Message, "Served models: m.") {
 		t.Fatalf("an unserved model: %+v", f.Reject)
 	}
-	p.set.Get(pool[0].Dial).CoolDown(now, now.Add(10 * time.Second))
-	p.set.Get(pool[1].Dial).CoolDown(now, now.Add(3 * time.Second))
+	p.set.Get(pool[0].Dial).CoolDown(now, now.Add(10*time.Second))
+	p.set.Get(pool[1].Dial).CoolDown(now, now.Add(3*time.Second))
 	f := sel("m")
 	if f.Reject == nil || f.Reject.Status != 429 || f.Reject.RetryAfter > 3*time.Second || f.Reject.RetryAfter < 2*time.Second {
 		t.Fatalf("every backend cooling down: %+v, want 429 with the soonest end", f.Reject)
