@@ -53,6 +53,13 @@ type App struct {
 	// Default: 256.
 	ModelMemory int `json:"model_memory,omitempty"`
 
+	// PrefixIndexBlocks bounds each backend's prefix index (see
+	// Backend.CachedTokens): blocks per generation, two generations kept,
+	// about 40 bytes a block. An engine that reports its KV cache geometry
+	// gets an index of about its capacity, within this bound.
+	// Default: 16384 (262144 tokens at 16 tokens a block, 1.3 MiB).
+	PrefixIndexBlocks int `json:"prefix_index_blocks,omitempty"`
+
 	features FeatureConfig
 	lambda   float64
 	logger   *zap.Logger
@@ -98,6 +105,9 @@ func (a *App) setDefaults() {
 	if a.ModelMemory == 0 {
 		a.ModelMemory = 256
 	}
+	if a.PrefixIndexBlocks == 0 {
+		a.PrefixIndexBlocks = DefaultPrefixBlocks
+	}
 	a.features = FeatureConfig{
 		PeekBytes:           a.PeekBytes,
 		DefaultOutputTokens: a.DefaultOutputTokens,
@@ -120,6 +130,8 @@ func (a *App) Validate() error {
 		return fmt.Errorf("prefix_block_chars must be at least 1, got %d", a.PrefixBlockChars)
 	case a.ModelMemory < 2:
 		return fmt.Errorf("model_memory must be at least 2, got %d", a.ModelMemory)
+	case a.PrefixIndexBlocks < 0 || a.PrefixIndexBlocks > 1<<24:
+		return fmt.Errorf("prefix_index_blocks must be between 1 and %d, got %d", 1<<24, a.PrefixIndexBlocks)
 	}
 	return nil
 }
@@ -136,6 +148,15 @@ func (a *App) Stop() error { return nil }
 // Cleanup runs when the app's config is unloaded. Backend entries are
 // released by the modules that took them, not here.
 func (a *App) Cleanup() error { return nil }
+
+// BlockTokens is the estimated tokens in one prefix block.
+func (a *App) BlockTokens() float64 {
+	return float64(a.PrefixBlockChars) / float64(max(a.CharsPerToken, 1))
+}
+
+// PrefixLimit is the bound of each backend's prefix index, in blocks per
+// generation.
+func (a *App) PrefixLimit() int { return a.PrefixIndexBlocks }
 
 // Features returns r's request features, read once per request.
 func (a *App) Features(r *http.Request) *Features { return RequestFeatures(r, a.features) }

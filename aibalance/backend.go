@@ -52,6 +52,9 @@ type Backend struct {
 	rampFrom atomic.Int64                 // unix ns a slow start began; 0: none (see Ramp)
 	models   atomic.Pointer[ServedModels] // from /v1/models; nil: unknown
 
+	prefix         prefixIndex  // prompt blocks recently sent here (see CachedTokens)
+	prefixCapacity atomic.Int64 // the engine's KV capacity in tokens, from its metrics; 0: unknown
+
 	ejectedUntil atomic.Int64 // unix ns: outlier ejection (see Eject)
 	ejectReason  atomic.Pointer[string]
 	ejectSamples atomic.Int64
@@ -195,10 +198,18 @@ type Attempt struct {
 // its first token; a non-streaming request shows no first token, so it
 // never counts as pending.
 func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
+	return b.BeginCached(f, 0, prior, now)
+}
+
+// BeginCached is Begin for a request of which the backend is expected to
+// hold cached leading prompt tokens in its prefix cache: the model sees
+// (and learns from) the prompt tokens it must prefill.
+func (b *Backend) BeginCached(f *Features, cached int, prior *Prior, now time.Time) Attempt {
 	s := b.State(now)
-	a := Attempt{b: b, state: s, prompt: f.PromptTokens, start: now, work: f.Work()}
+	prompt := max(f.PromptTokens-cached, 0)
+	a := Attempt{b: b, state: s, prompt: prompt, start: now, work: f.Work()}
 	if a.work {
-		p := b.model.Predict(s, f.PromptTokens, f.OutputTokens, prior, now)
+		p := b.model.Predict(s, prompt, f.OutputTokens, prior, now)
 		a.predicted = p.E2E
 		a.predTTFT = max(p.TTFT.Seconds()-s.QueueWait, 0)
 	}
@@ -210,7 +221,7 @@ func (b *Backend) Begin(f *Features, prior *Prior, now time.Time) Attempt {
 	b.inflightTokens.Add(a.tokens)
 	if f.Stream {
 		a.pending = true
-		b.pendingTokens.Add(int64(f.PromptTokens))
+		b.pendingTokens.Add(int64(prompt))
 		b.pendingSince.Add(sinceEpoch(now))
 		b.pending.Add(1)
 	}

@@ -21,6 +21,13 @@ type EngineMetrics struct {
 	HasKV      bool
 	// Engine is the engine the scraper recognised: vllm, sglang, tgi, llamacpp.
 	Engine string
+	// PrefixHits and PrefixQueries are the engine's prefix cache counters
+	// in tokens (vLLM's prefix_cache_hits_total, prefix_cache_queries_total)
+	// when HasPrefixCache; CacheTokens is its KV cache capacity in tokens
+	// (num_gpu_blocks × block_size of vLLM's cache_config_info), 0 unknown.
+	PrefixHits, PrefixQueries float64
+	HasPrefixCache            bool
+	CacheTokens               float64
 	// StartTime is the engine process's start (unix seconds) when it
 	// exports process_start_time_seconds; 0 when not. A change is a restart.
 	StartTime float64
@@ -53,6 +60,7 @@ func (b *Backend) SetEngine(m EngineMetrics, maxAge time.Duration) {
 	running := max(float64(b.inflight.Load())-pending, 0)
 	b.engine.latest.Store(&engineSample{m: m, maxAge: maxAge, ownPending: pending, ownRunning: running})
 	b.learnSlots(m)
+	b.calibratePrefix(m)
 }
 
 // external returns the part of a fresh engine sample that is not this

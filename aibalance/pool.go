@@ -25,7 +25,16 @@ type Pool struct {
 	members sync.Map     // addr → struct{}: the upstreams the pool has routed to or was configured with
 	health  atomic.Pointer[HealthConfig]
 	dueAt   atomic.Int64 // unix ns of the last periodic check (see Due)
+	// affinity: the pool's policy weighs the prefix each backend holds
+	// (see Backend.CachedTokens), so its transport records what it sends
+	affinity atomic.Bool
 }
+
+// SetAffinity turns prefix affinity on or off for the pool.
+func (p *Pool) SetAffinity(on bool) { p.affinity.Store(on) }
+
+// Affinity reports whether the pool's policy uses prefix affinity.
+func (p *Pool) Affinity() bool { return p != nil && p.affinity.Load() }
 
 // AddMember records that addr belongs to the pool, reporting whether it
 // is new to it.

@@ -63,6 +63,12 @@ func BackendRefs(addr string) int {
 // them all at Release (the module's Cleanup). Lookups after the first are a
 // lock-free map read.
 type BackendSet struct {
+	// Private makes the set hold backends of its own, outside the
+	// process-wide store: a second balancer in one process, as a separate
+	// Caddy instance would be (tests and benchmarks of agreement between
+	// instances).
+	Private bool
+
 	mu   sync.Mutex // only taken the first time an address is seen
 	m    sync.Map   // addr → *Backend
 	held []string
@@ -77,6 +83,11 @@ func (s *BackendSet) Get(addr string) *Backend {
 	defer s.mu.Unlock()
 	if v, ok := s.m.Load(addr); ok {
 		return v.(*Backend)
+	}
+	if s.Private {
+		b := newBackend(addr)
+		s.m.Store(addr, b)
+		return b
 	}
 	b := acquireBackend(addr)
 	s.m.Store(addr, b)

@@ -11,6 +11,7 @@ import (
 	"math"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 
 	dto "github.com/prometheus/client_model/go"
@@ -43,6 +44,11 @@ type engineNames struct {
 	waiting []string
 	running []string
 	kv      []string // a fraction, 0..1
+	// prefix cache counters, in tokens: hits and queries
+	prefixHits, prefixQueries []string
+	// cacheInfo is an info metric whose labels give the KV cache geometry
+	// (num_gpu_blocks × block_size tokens)
+	cacheInfo string
 }
 
 // engines is the table of known engines, in the order auto detection tries
@@ -54,6 +60,10 @@ var engines = []engineNames{
 		waiting: []string{"vllm:num_requests_waiting"},
 		running: []string{"vllm:num_requests_running"},
 		kv:      []string{"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"},
+
+		prefixHits:    []string{"vllm:prefix_cache_hits_total", "vllm:prefix_cache_hits"},
+		prefixQueries: []string{"vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries"},
+		cacheInfo:     "vllm:cache_config_info",
 	},
 	{
 		engine:  EngineSGLang,
@@ -224,6 +234,14 @@ func extract(e engineNames, families map[string]*dto.MetricFamily) (m aibalance.
 		return aibalance.EngineMetrics{}, false
 	}
 	m.Engine = e.engine
+	if hits, queries := first(families, e.prefixHits), first(families, e.prefixQueries); hits != nil && queries != nil {
+		h, okH := sumSeries(hits)
+		q, okQ := sumSeries(queries)
+		m.PrefixHits, m.PrefixQueries, m.HasPrefixCache = h, q, okH && okQ
+	}
+	if mf := families[e.cacheInfo]; e.cacheInfo != "" && mf != nil {
+		m.CacheTokens = cacheTokens(mf)
+	}
 	// the standard process collector's start time (Python's and Go's
 	// Prometheus clients export it): when it changes, the engine restarted
 	if mf := families["process_start_time_seconds"]; mf != nil && len(mf.GetMetric()) > 0 {
@@ -330,4 +348,29 @@ func schedulerKey(m *dto.Metric) string {
 	}
 	sort.Strings(pairs)
 	return strings.Join(pairs, "\xfe")
+}
+
+// cacheTokens reads a KV cache geometry info metric: the largest
+// num_gpu_blocks × block_size among its series (0 when absent or absurd).
+func cacheTokens(mf *dto.MetricFamily) float64 {
+	var best float64
+	for _, m := range mf.GetMetric() {
+		var blocks, size float64
+		for _, l := range m.GetLabel() {
+			v, err := strconv.ParseFloat(l.GetValue(), 64)
+			if err != nil || v < 0 || math.IsInf(v, 0) {
+				continue
+			}
+			switch l.GetName() {
+			case "num_gpu_blocks":
+				blocks = v
+			case "block_size":
+				size = v
+			}
+		}
+		if t := blocks * size; t > best && t < 1e12 {
+			best = t
+		}
+	}
+	return best
 }

@@ -45,6 +45,7 @@ type candidates struct {
 	logger    *zap.Logger
 	skip      [2]string // half-open backends whose probes were all taken
 	nskip     int
+	key       uint64 // the request's affinity key (see affinityKey); 0: none
 }
 
 func (c *candidates) weight(u *reverseproxy.Upstream) float64 {
@@ -123,9 +124,9 @@ func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reversepro
 		for {
 			var best *reverseproxy.Upstream
 			if k > 0 {
-				best = sampleMin(pool, eligible, k, memory, score)
+				best = sampleMin(pool, eligible, k, memory, score, c.key)
 			} else {
-				best = selectMin(pool, eligible, score)
+				best = selectMin(pool, eligible, score, c.key)
 			}
 			if best == nil {
 				break

@@ -52,6 +52,7 @@ const maxChoose = 16
 //	    choose      <k>|all
 //	    weights     <w1> <w2> ...
 //	    ttft_weight <w>
+//	    affinity    prefix|none
 //	}
 type AIPredictiveSelection struct {
 	// How many available upstreams to sample and compare for each request.
@@ -74,7 +75,18 @@ type AIPredictiveSelection struct {
 	// too. Default: 8.
 	TTFTWeight *float64 `json:"ttft_weight,omitempty"`
 
+	// Affinity is how the prompt prefix each backend already holds in its
+	// cache counts: prefix (the default) estimates, per candidate, the
+	// leading prompt tokens it holds from what was recently sent to it,
+	// and predicts the time to first token from the uncached rest, so
+	// affinity and load are weighed in one score; near-equal candidates
+	// are then told apart by a hash of the request's prefix, so several
+	// Caddy instances send a conversation to the same backend. none
+	// ignores prefixes.
+	Affinity string `json:"affinity,omitempty"`
+
 	ttftWeight float64
+	affinity   bool
 	learner
 	clock func() time.Time
 }
@@ -104,8 +116,19 @@ func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 	if p.clock == nil {
 		p.clock = time.Now
 	}
-	return p.learner.provision(ctx, "ai_predictive", p.Weights)
+	p.affinity = p.Affinity != AffinityNone
+	if err := p.learner.provision(ctx, "ai_predictive", p.Weights); err != nil {
+		return err
+	}
+	p.pool.SetAffinity(p.affinity)
+	return nil
 }
+
+// Affinity modes.
+const (
+	AffinityPrefix = "prefix"
+	AffinityNone   = "none"
+)
 
 // Validate checks the configuration.
 func (p *AIPredictiveSelection) Validate() error {
@@ -114,6 +137,11 @@ func (p *AIPredictiveSelection) Validate() error {
 	}
 	if p.ttftWeight < 0 || p.ttftWeight > 1000 {
 		return fmt.Errorf("ai_predictive: ttft_weight must be between 0 and 1000, got %g", p.ttftWeight)
+	}
+	switch p.Affinity {
+	case "", AffinityPrefix, AffinityNone:
+	default:
+		return fmt.Errorf("ai_predictive: affinity must be prefix or none, got %q", p.Affinity)
 	}
 	return validateWeights("ai_predictive", p.Weights)
 }
@@ -154,12 +182,21 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		factor += p.ttftWeight
 	}
 	out := float64(f.OutputTokens)
+	blockTokens := p.app.BlockTokens()
+	affinity := p.affinity && len(f.PrefixHashes) > 0
+	if affinity {
+		c.key = affinityKey(f)
+	}
 	score := func(u *reverseproxy.Upstream) float64 {
 		b := p.set.Get(u.Dial)
 		s := b.State(now)
 		// Caddy's own count covers requests proxied without our transport
 		s.Inflight = max(s.Inflight, float64(u.NumRequests()))
-		mean, sd := b.Model().Score(s, f.PromptTokens, out, factor, prior, now)
+		prompt := f.PromptTokens
+		if affinity {
+			prompt -= b.CachedTokens(f, blockTokens)
+		}
+		mean, sd := b.Model().Score(s, prompt, out, factor, prior, now)
 		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
 	}
 	var best *reverseproxy.Upstream
@@ -218,6 +255,15 @@ func (p *AIPredictiveSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error
 				return err
 			}
 			p.TTFTWeight = &w
+		case "affinity":
+			if p.Affinity != "" {
+				return d.Err("affinity already specified")
+			}
+			a, err := ParseAffinity(d)
+			if err != nil {
+				return err
+			}
+			p.Affinity = a
 		default:
 			return d.Errf("unrecognized ai_predictive subdirective %q", d.Val())
 		}
@@ -531,8 +577,24 @@ func positionalWeight(weights []int, pool reverseproxy.UpstreamPool, addr string
 }
 
 // selectMin scans every eligible upstream and returns the one with the
-// lowest score, choosing uniformly among equal scores (reservoir sampling).
-func selectMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, score func(*reverseproxy.Upstream) float64) *reverseproxy.Upstream {
+// lowest score, choosing uniformly among equal scores (reservoir sampling);
+// or, for a request with an affinity key, the one ranked first by
+// rendezvous hashing among those within tieBand of the lowest (see
+// nearBest).
+func selectMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, score func(*reverseproxy.Upstream) float64, key uint64) *reverseproxy.Upstream {
+	if key != 0 {
+		var buf [64]scored
+		cands := buf[:0]
+		for i, u := range pool {
+			if eligible(u) {
+				cands = append(cands, scored{i, score(u)})
+			}
+		}
+		if i := nearBest(pool, cands, key); i >= 0 {
+			return pool[i]
+		}
+		return nil
+	}
 	var best *reverseproxy.Upstream
 	var bestScore float64
 	ties := 0
@@ -554,6 +616,88 @@ func selectMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstr
 	return best
 }
 
+// tieBand is how close two scores must be to count as near-equal for a
+// request with an affinity key: then a hash of the key and the upstream's
+// address decides, the same in every Caddy instance, so instances that do
+// not talk to each other send a conversation to the same backend while
+// their loads are comparable. Clearly better scores still win.
+const tieBand = 0.05
+
+// scored is a candidate's index in the pool and its score.
+type scored struct {
+	i int
+	s float64
+}
+
+// nearBest returns the index of the candidate ranked first by rendezvous
+// hashing of key among those whose score is within tieBand of the lowest;
+// -1 when there is none. The result does not depend on the candidates'
+// order.
+func nearBest(pool reverseproxy.UpstreamPool, cands []scored, key uint64) int {
+	if len(cands) == 0 {
+		return -1
+	}
+	low := cands[0].s
+	for _, c := range cands[1:] {
+		low = min(low, c.s)
+	}
+	best, bestRank := -1, uint64(0)
+	for _, c := range cands {
+		if c.s > low*(1+tieBand) {
+			continue
+		}
+		if r := rendezvous(key, pool[c.i].Dial); best < 0 || r > bestRank {
+			best, bestRank = c.i, r
+		}
+	}
+	return best
+}
+
+// rendezvous is the highest-random-weight hash of key on addr (Thaler and
+// Ravishankar): each key ranks the upstreams in its own order, the same
+// everywhere, and removing one upstream moves only its keys.
+func rendezvous(key uint64, addr string) uint64 {
+	h := uint64(14695981039346656037)
+	for i := 0; i < len(addr); i++ {
+		h ^= uint64(addr[i])
+		h *= 1099511628211
+	}
+	return mix64(h ^ key)
+}
+
+// mix64 is splitmix64's finalizer.
+func mix64(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return x
+}
+
+// affinityKey is the request's affinity key: its prompt_cache_key when it
+// gives one, else the chain hash of its first few prefix blocks (a system
+// prompt and the start of a conversation: what later turns share); 0 when
+// it has neither.
+func affinityKey(f *aibalance.Features) uint64 {
+	if f.PromptCacheKey != "" {
+		h := uint64(14695981039346656037)
+		for i := 0; i < len(f.PromptCacheKey); i++ {
+			h ^= uint64(f.PromptCacheKey[i])
+			h *= 1099511628211
+		}
+		return mix64(h) | 1
+	}
+	if n := len(f.PrefixHashes); n > 0 {
+		return f.PrefixHashes[min(n, affinityKeyBlocks)-1] | 1
+	}
+	return 0
+}
+
+// affinityKeyBlocks is how many leading prefix blocks make the affinity
+// key: 8 blocks of 64 characters, about 128 tokens.
+const affinityKeyBlocks = 8
+
 // sampleMin draws k distinct eligible upstreams at random, adds the one that
 // won the previous draw (power of k choices with memory: Mitzenmacher,
 // Prabhakar and Shah, "Load balancing with memory", FOCS 2002), and returns
@@ -563,12 +707,31 @@ func selectMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstr
 // the small, uneven pools LLM fleets are; drawing indices (not scanning)
 // keeps it O(k). When too few are found after a bounded number of draws it
 // falls back to a full scan.
-func sampleMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, k int, memory *atomic.Int64, score func(*reverseproxy.Upstream) float64) *reverseproxy.Upstream {
-	var picked [maxChoose + 1]int
+//
+// A request with an affinity key also gets its key's home among the
+// candidates — the eligible upstream ranked first by rendezvous hashing —
+// and near-ties go by that ranking (see nearBest): every instance then
+// considers and prefers the same backend for a conversation, while a
+// loaded home still loses to a clearly better sampled one. Finding the
+// home hashes every address, cheaply, without scoring them.
+func sampleMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, k int, memory *atomic.Int64, score func(*reverseproxy.Upstream) float64, key uint64) *reverseproxy.Upstream {
+	var picked [maxChoose + 2]int
 	n := 0
 	if last := int(memory.Load()) - 1; last >= 0 && last < len(pool) && eligible(pool[last]) {
 		picked[0] = last
 		n = 1
+	}
+	if key != 0 {
+		home, homeRank := -1, uint64(0)
+		for i, u := range pool {
+			if r := rendezvous(key, u.Dial); (home < 0 || r > homeRank) && eligible(u) {
+				home, homeRank = i, r
+			}
+		}
+		if home >= 0 && (n == 0 || picked[0] != home) {
+			picked[n] = home
+			n++
+		}
 	}
 	want := n + k
 	for tries := 0; n < want && tries < 4*k+8; tries++ {
@@ -587,13 +750,25 @@ func sampleMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstr
 		n++
 	}
 	if n < min(k, len(pool)) {
-		best := selectMin(pool, eligible, score)
+		best := selectMin(pool, eligible, score, key)
 		for i, u := range pool {
 			if u == best {
 				memory.Store(int64(i) + 1)
 			}
 		}
 		return best
+	}
+	if key != 0 {
+		var cands [maxChoose + 2]scored
+		for j, i := range picked[:n] {
+			cands[j] = scored{i, score(pool[i])}
+		}
+		best := nearBest(pool, cands[:n], key)
+		if best < 0 {
+			return nil
+		}
+		memory.Store(int64(best) + 1)
+		return pool[best]
 	}
 	bestIdx, bestScore, ties := -1, 0.0, 0
 	for _, i := range picked[:n] {
@@ -630,6 +805,21 @@ func ParseChoose(d *caddyfile.Dispenser) (k int, all bool, err error) {
 		return 0, false, d.ArgErr()
 	}
 	return k, all, nil
+}
+
+// ParseAffinity reads the one argument of an affinity subdirective.
+func ParseAffinity(d *caddyfile.Dispenser) (string, error) {
+	if !d.NextArg() {
+		return "", d.ArgErr()
+	}
+	a := d.Val()
+	if a != AffinityPrefix && a != AffinityNone {
+		return "", d.Errf("affinity: want prefix or none, got %q", a)
+	}
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return a, nil
 }
 
 // ParseTTFTWeight reads the one argument of a ttft_weight subdirective.

@@ -241,7 +241,16 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if probe {
 		f.Probe = ""
 	}
-	att := b.Begin(f, pool.Prior(), start)
+	cached := 0
+	if pool.Affinity() && len(f.PrefixHashes) > 0 {
+		// what the policy counted on, for the model to learn from the
+		// prompt tokens the engine must prefill; then the prompt is
+		// recorded as held there
+		bt := t.app.BlockTokens()
+		cached = b.CachedTokens(f, bt)
+		b.RecordPrefix(f, cached, bt, t.app.PrefixLimit())
+	}
+	att := b.BeginCached(f, cached, pool.Prior(), start)
 	// retry reports whether Caddy's loop will try this request again
 	// elsewhere if the transport hands it a dial error: attempts left, a
 	// body it can send again (nothing of it read, for a refused dial), and
