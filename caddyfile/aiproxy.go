@@ -42,6 +42,7 @@ const (
 //	    weights <w1> <w2> ...
 //	    choose  <k>|all
 //	    ttft_weight <w>
+//	    affinity    prefix|none
 //
 //	    # the engines' Prometheus metrics (see transport aibalance)
 //	    engine           auto|vllm|sglang|tgi|llamacpp|none
@@ -214,9 +215,10 @@ type policyOptions struct {
 	choose     int // 0: not set
 	chooseAll  bool
 	ttftWeight *float64
+	affinity   string
 	set        bool
 
-	first, nameTok, weightsTok, chooseTok, ttftTok caddyfile.Token
+	first, nameTok, weightsTok, chooseTok, ttftTok, affinityTok caddyfile.Token
 }
 
 // parse consumes one of the policy subdirectives, reporting whether it was one.
@@ -266,6 +268,15 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 			return true, err
 		}
 		p.ttftWeight, p.ttftTok = &w, tok
+	case "affinity":
+		if p.affinity != "" {
+			return true, d.Err("affinity already specified")
+		}
+		a, err := selection.ParseAffinity(d)
+		if err != nil {
+			return true, err
+		}
+		p.affinity, p.affinityTok = a, tok
 	default:
 		return false, nil
 	}
@@ -303,7 +314,7 @@ func (p *policyOptions) selector(upstreams int) (json.RawMessage, error) {
 	var sel reverseproxy.Selector
 	switch name {
 	case "ai_predictive":
-		sel = &selection.AIPredictiveSelection{Choose: p.choose, ChooseAll: p.chooseAll, Weights: p.weights, TTFTWeight: p.ttftWeight}
+		sel = &selection.AIPredictiveSelection{Choose: p.choose, ChooseAll: p.chooseAll, Weights: p.weights, TTFTWeight: p.ttftWeight, Affinity: p.affinity}
 	case "least_tokens":
 		sel = &selection.LeastTokensSelection{Weights: p.weights}
 	case "weighted_least_conn":
@@ -317,6 +328,9 @@ func (p *policyOptions) selector(upstreams int) (json.RawMessage, error) {
 	}
 	if p.ttftWeight != nil && name != "ai_predictive" {
 		return nil, errAt(p.ttftTok, "ai_proxy: ttft_weight applies to ai_predictive, not %s", name)
+	}
+	if p.affinity != "" && name != "ai_predictive" {
+		return nil, errAt(p.affinityTok, "ai_proxy: affinity applies to ai_predictive, not %s", name)
 	}
 	return caddyconfig.JSONModuleObject(sel, "policy", name, nil), nil
 }
@@ -335,7 +349,7 @@ func applyDefaults(rp *reverseproxy.Handler, pol *policyOptions, written map[str
 	lbTok, longForm := written["lb_policy"]
 	switch {
 	case longForm && pol.set:
-		return errAt(pol.first, "ai_proxy: use either lb_policy or policy/weights/choose/ttft_weight, not both")
+		return errAt(pol.first, "ai_proxy: use either lb_policy or policy/weights/choose/ttft_weight/affinity, not both")
 	case longForm:
 		if err := checkPolicyWeights(lbTok, lb.SelectionPolicyRaw, len(rp.Upstreams)); err != nil {
 			return err

@@ -24,6 +24,7 @@ func init() {
 //	        chars_per_token       <n>
 //	        prefix_block_chars    <n>
 //	        model_memory          <n>
+//	        prefix_index_blocks   <n>
 //	    }
 //	}
 func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
@@ -43,7 +44,7 @@ func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 		}
 		seen[key] = true
 		switch key {
-		case "peek_bytes", "default_output_tokens", "chars_per_token", "prefix_block_chars", "model_memory":
+		case "peek_bytes", "default_output_tokens", "chars_per_token", "prefix_block_chars", "model_memory", "prefix_index_blocks":
 		default:
 			return nil, d.Errf("unrecognized aibalance global option %q", key)
 		}
@@ -61,7 +62,7 @@ func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 				return nil, d.Errf("peek_bytes: want a size from 1B to %s such as 64KiB, got %q", humanize.IBytes(aibalance.MaxPeekBytes), val)
 			}
 			app.PeekBytes = int64(n)
-		case "default_output_tokens", "chars_per_token", "prefix_block_chars", "model_memory":
+		case "default_output_tokens", "chars_per_token", "prefix_block_chars", "model_memory", "prefix_index_blocks":
 			n, err := strconv.Atoi(val)
 			if err != nil || n < 1 {
 				return nil, d.Errf("%s: want a whole number of at least 1, got %q", key, val)
@@ -78,6 +79,11 @@ func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 					return nil, d.Errf("model_memory: want at least 2, got %d", n)
 				}
 				app.ModelMemory = n
+			case "prefix_index_blocks":
+				if n > 1<<24 {
+					return nil, d.Errf("prefix_index_blocks: want at most %d, got %d", 1<<24, n)
+				}
+				app.PrefixIndexBlocks = n
 			}
 		default:
 			return nil, d.Errf("unrecognized aibalance global option %q", key)

@@ -200,7 +200,10 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
 	}
 	var best *reverseproxy.Upstream
-	if p.ChooseAll || len(pool) <= p.Choose {
+	// a request whose prefix some backend may hold compares every
+	// backend of a pool up to maxChoose: the holder must be among the
+	// candidates, and which one it is shows only in its score
+	if p.ChooseAll || len(pool) <= p.Choose || (affinity && len(pool) <= maxChoose) {
 		best = c.pick(pool, score, nil, 0)
 	} else {
 		best = c.pick(pool, score, p.pool.Last(), p.Choose)
