@@ -1,10 +1,10 @@
 package integration
 
 import (
-	"math/rand/v2"
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"sync"
