@@ -145,6 +145,15 @@ func (b *Backend) CachedTokens(f *Features, blockTokens float64) int {
 	return min(int(cached), f.PromptTokens)
 }
 
+// HoldsPrefix reports whether the backend holds at least the first block
+// of f's prompt.
+func (b *Backend) HoldsPrefix(f *Features) bool {
+	if len(f.PrefixHashes) == 0 {
+		return false
+	}
+	return b.prefix.match(f.PrefixHashes[:1]) > 0
+}
+
 // RecordPrefix records that f's prompt was sent to the backend, and the
 // cached tokens the balancer expected there (for the calibration). The
 // index holds about as many blocks as the engine's KV cache when the engine

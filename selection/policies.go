@@ -200,15 +200,25 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
 	}
 	var best *reverseproxy.Upstream
-	// a request whose prefix some backend may hold compares every
-	// backend of a pool up to maxChoose: the holder must be among the
-	// candidates, and which one it is shows only in its score
-	if p.ChooseAll || len(pool) <= p.Choose || (affinity && len(pool) <= maxChoose) {
+	// a request whose prefix some backend holds compares every backend
+	// of a pool up to maxChoose: the holder must be among the candidates
+	if p.ChooseAll || len(pool) <= p.Choose || (affinity && len(pool) <= maxChoose && p.held(pool, f)) {
 		best = c.pick(pool, score, nil, 0)
 	} else {
 		best = c.pick(pool, score, p.pool.Last(), p.Choose)
 	}
 	return p.finish(&c, pool, best)
+}
+
+// held reports whether some upstream of pool holds a leading block of f's
+// prompt (see aibalance.Backend.CachedTokens).
+func (p *AIPredictiveSelection) held(pool reverseproxy.UpstreamPool, f *aibalance.Features) bool {
+	for _, u := range pool {
+		if p.set.Get(u.Dial).HoldsPrefix(f) {
+			return true
+		}
+	}
+	return false
 }
 
 // maxFailureRate bounds the failure penalty at ×100.
@@ -711,32 +721,50 @@ const affinityKeyBlocks = 8
 // keeps it O(k). When too few are found after a bounded number of draws it
 // falls back to a full scan.
 //
-// A request with an affinity key also gets its key's home among the
-// candidates — the eligible upstream ranked first by rendezvous hashing —
+// A request with an affinity key is compared instead on its key's own k+1
+// candidates — the eligible upstreams ranked first by rendezvous hashing
+// of the key, a different set for each key, plus the previous winner —
 // and near-ties go by that ranking (see nearBest): every instance then
-// considers and prefers the same backend for a conversation, while a
-// loaded home still loses to a clearly better sampled one. Finding the
-// home hashes every address, cheaply, without scoring them.
+// considers and prefers the same backends for a conversation, with no
+// random draw of its own, while a loaded first choice still loses to a
+// clearly better one.
+// Ranking hashes every address, cheaply, without scoring them.
 func sampleMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, k int, memory *atomic.Int64, score func(*reverseproxy.Upstream) float64, key uint64) *reverseproxy.Upstream {
 	var picked [maxChoose + 2]int
 	n := 0
-	if last := int(memory.Load()) - 1; last >= 0 && last < len(pool) && eligible(pool[last]) {
-		picked[0] = last
-		n = 1
-	}
 	if key != 0 {
-		home, homeRank := -1, uint64(0)
+		// the key's own k+1 candidates: the eligible upstreams ranked
+		// first by rendezvous hashing, the same set in every instance
+		var ranks [maxChoose + 2]uint64
 		for i, u := range pool {
-			if r := rendezvous(key, u.Dial); (home < 0 || r > homeRank) && eligible(u) {
-				home, homeRank = i, r
+			r := rendezvous(key, u.Dial)
+			if n == k+1 && r <= ranks[n-1] || !eligible(u) {
+				continue
 			}
+			j := min(n, k)
+			for j > 0 && ranks[j-1] < r {
+				ranks[j], picked[j] = ranks[j-1], picked[j-1]
+				j--
+			}
+			ranks[j], picked[j] = r, i
+			n = min(n+1, k+1)
 		}
-		if home >= 0 && (n == 0 || picked[0] != home) {
-			picked[n] = home
+	}
+	// the previous winner: two instances that agree so far agree on it too
+	if last := int(memory.Load()) - 1; last >= 0 && last < len(pool) && eligible(pool[last]) {
+		dup := false
+		for _, j := range picked[:n] {
+			dup = dup || j == last
+		}
+		if !dup {
+			picked[n] = last
 			n++
 		}
 	}
 	want := n + k
+	if key != 0 {
+		want = n // no random draws: the key's candidates are the sample
+	}
 	for tries := 0; n < want && tries < 4*k+8; tries++ {
 		i := rand.IntN(len(pool))
 		dup := false

@@ -64,6 +64,7 @@ func matrixPolicies(extra string) ([]matrixPolicy, error) {
 		{name: "ai_predictive_noscrape", selection: map[string]any{"policy": "ai_predictive"}, ours: true, noScrape: true},
 		{name: "ai_predictive_all", selection: map[string]any{"policy": "ai_predictive", "choose_all": true}, ours: true},
 		{name: "ai_predictive_ttft0", selection: map[string]any{"policy": "ai_predictive", "ttft_weight": 0}, ours: true},
+		{name: "ai_predictive_noaffinity", selection: map[string]any{"policy": "ai_predictive", "affinity": "none"}, ours: true},
 		{name: "ai_predictive_ttft32", selection: map[string]any{"policy": "ai_predictive", "ttft_weight": 32}, ours: true},
 		{name: "least_tokens", selection: map[string]any{"policy": "least_tokens"}, ours: true},
 		{name: "round_robin", selection: map[string]any{"policy": "round_robin"}},
