@@ -53,6 +53,7 @@ type Backend struct {
 	models   atomic.Pointer[ServedModels] // from /v1/models; nil: unknown
 
 	prefix         prefixIndex  // prompt blocks recently sent here (see CachedTokens)
+	sessions       sessionIndex // sessions recently sent here
 	prefixCapacity atomic.Int64 // the engine's KV capacity in tokens, from its metrics; 0: unknown
 
 	ejectedUntil atomic.Int64 // unix ns: outlier ejection (see Eject)

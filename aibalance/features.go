@@ -135,6 +135,10 @@ type Features struct {
 	// settings they tell the last attempt (see selection's retryBudget).
 	Selects int
 	Start   time.Time
+	// SessionKey is the hash of the request's session (see the policy's
+	// affinity: a user, a header, a cookie, a prompt_cache_key); 0: none.
+	// Set by the policy, recorded by the transport.
+	SessionKey uint64
 	// Probe is the address whose half-open probe this request holds.
 	Probe string
 	// Reject, when set by the policy, is the answer the transport gives

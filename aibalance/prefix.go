@@ -134,20 +134,24 @@ func (x *prefixIndex) size() int {
 // the engine's own hit counters give the estimate, and never more than the
 // prompt.
 func (b *Backend) CachedTokens(f *Features, blockTokens float64) int {
+	session := b.SessionCachedTokens(f)
 	if len(f.PrefixHashes) == 0 || blockTokens <= 0 {
-		return 0
+		return session
 	}
 	n := b.prefix.match(f.PrefixHashes)
 	if n == 0 {
-		return 0
+		return session
 	}
 	cached := float64(n) * blockTokens * b.PrefixTrust()
-	return min(int(cached), f.PromptTokens)
+	return max(min(int(cached), f.PromptTokens), session)
 }
 
 // HoldsPrefix reports whether the backend holds at least the first block
 // of f's prompt.
 func (b *Backend) HoldsPrefix(f *Features) bool {
+	if b.HoldsSession(f) {
+		return true
+	}
 	if len(f.PrefixHashes) == 0 {
 		return false
 	}
@@ -169,6 +173,9 @@ func (b *Backend) RecordPrefix(f *Features, expected int, blockTokens float64, l
 		limit = min(limit, max(int(2*float64(c)/blockTokens/3), 64))
 	}
 	b.prefix.add(f.PrefixHashes, limit)
+	if f.SessionKey != 0 {
+		b.sessions.add(f.SessionKey, f.PromptTokens, sessionLimit)
+	}
 	if expected > 0 {
 		b.prefix.expected.Add(int64(expected))
 	}
@@ -213,3 +220,69 @@ func (b *Backend) calibratePrefix(m EngineMetrics) {
 	t += 0.3 * (ratio - t)
 	b.prefix.trust.Store(float64bits(min(max(t, 0.05), 1) + 1))
 }
+
+// sessionIndex is one backend's record of the sessions recently sent to
+// it, with the prompt size of each one's latest request: a chat session's
+// next request starts with the history its latest one sent, which the
+// engine then holds. Two generations, like prefixIndex.
+type sessionIndex struct {
+	mu       sync.RWMutex
+	cur, old map[uint64]int32
+}
+
+func (x *sessionIndex) add(key uint64, prompt, limit int) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.cur == nil {
+		x.cur = make(map[uint64]int32, min(limit, 1024))
+	}
+	if _, ok := x.cur[key]; !ok && len(x.cur) >= limit {
+		x.old, x.cur = x.cur, make(map[uint64]int32, min(limit, 1024))
+	}
+	x.cur[key] = int32(min(prompt, 1<<30))
+}
+
+func (x *sessionIndex) get(key uint64) (int, bool) {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	if v, ok := x.cur[key]; ok {
+		return int(v), true
+	}
+	v, ok := x.old[key]
+	return int(v), ok
+}
+
+func (x *sessionIndex) size() int {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	return len(x.cur) + len(x.old)
+}
+
+// sessionLimit bounds each backend's session index per generation.
+const sessionLimit = 8192
+
+// SessionCachedTokens estimates the leading prompt tokens the backend holds
+// for f's session: the prompt of the session's latest request sent there,
+// never more than this prompt, scaled by the trust in the estimates.
+func (b *Backend) SessionCachedTokens(f *Features) int {
+	if f.SessionKey == 0 {
+		return 0
+	}
+	last, ok := b.sessions.get(f.SessionKey)
+	if !ok {
+		return 0
+	}
+	return int(float64(min(last, f.PromptTokens)) * b.PrefixTrust())
+}
+
+// HoldsSession reports whether the backend served f's session lately.
+func (b *Backend) HoldsSession(f *Features) bool {
+	if f.SessionKey == 0 {
+		return false
+	}
+	_, ok := b.sessions.get(f.SessionKey)
+	return ok
+}
+
+// Sessions is how many sessions the backend's index holds.
+func (b *Backend) Sessions() int { return b.sessions.size() }

@@ -42,7 +42,7 @@ const (
 //	    weights <w1> <w2> ...
 //	    choose  <k>|all
 //	    ttft_weight <w>
-//	    affinity    prefix|none
+//	    affinity    prefix|session|header <name>|cookie <name>|none
 //
 //	    # the engines' Prometheus metrics (see transport aibalance)
 //	    engine           auto|vllm|sglang|tgi|llamacpp|none
@@ -210,13 +210,14 @@ func applyEngine(tok caddyfile.Token, rp *reverseproxy.Handler, eng *selection.T
 // policyOptions are the ai_proxy subdirectives that choose the policy,
 // with the tokens that gave them (errors found later point at their line).
 type policyOptions struct {
-	name       string
-	weights    []int
-	choose     int // 0: not set
-	chooseAll  bool
-	ttftWeight *float64
-	affinity   string
-	set        bool
+	name        string
+	weights     []int
+	choose      int // 0: not set
+	chooseAll   bool
+	ttftWeight  *float64
+	affinity    string
+	affinityKey string
+	set         bool
 
 	first, nameTok, weightsTok, chooseTok, ttftTok, affinityTok caddyfile.Token
 }
@@ -272,11 +273,11 @@ func (p *policyOptions) parse(d *caddyfile.Dispenser) (bool, error) {
 		if p.affinity != "" {
 			return true, d.Err("affinity already specified")
 		}
-		a, err := selection.ParseAffinity(d)
+		a, key, err := selection.ParseAffinity(d)
 		if err != nil {
 			return true, err
 		}
-		p.affinity, p.affinityTok = a, tok
+		p.affinity, p.affinityKey, p.affinityTok = a, key, tok
 	default:
 		return false, nil
 	}
@@ -314,7 +315,7 @@ func (p *policyOptions) selector(upstreams int) (json.RawMessage, error) {
 	var sel reverseproxy.Selector
 	switch name {
 	case "ai_predictive":
-		sel = &selection.AIPredictiveSelection{Choose: p.choose, ChooseAll: p.chooseAll, Weights: p.weights, TTFTWeight: p.ttftWeight, Affinity: p.affinity}
+		sel = &selection.AIPredictiveSelection{Choose: p.choose, ChooseAll: p.chooseAll, Weights: p.weights, TTFTWeight: p.ttftWeight, Affinity: p.affinity, AffinityKey: p.affinityKey}
 	case "least_tokens":
 		sel = &selection.LeastTokensSelection{Weights: p.weights}
 	case "weighted_least_conn":

@@ -1,6 +1,7 @@
 package selection
 
 import (
+	"net/http"
 	"testing"
 	"time"
 
@@ -77,4 +78,104 @@ func agreement(t *testing.T, affinity bool) float64 {
 		now = now.Add(50 * time.Millisecond)
 	}
 	return float64(agree) / float64(total)
+}
+
+// TestSessionKeys: each affinity mode takes its session key from its
+// source; prompt_cache_key is a session key in every mode but none.
+func TestSessionKeys(t *testing.T) {
+	key := func(mode, name string, set func(r *http.Request, f *aibalance.Features)) uint64 {
+		p := newPredictive(2, false)
+		p.Affinity, p.AffinityKey = mode, name
+		r := varsRequest()
+		f := p.app.Features(r)
+		set(r, f)
+		return p.sessionKey(r, f)
+	}
+	user := func(u string) func(*http.Request, *aibalance.Features) {
+		return func(_ *http.Request, f *aibalance.Features) { f.User = u }
+	}
+	header := func(v string) func(*http.Request, *aibalance.Features) {
+		return func(r *http.Request, _ *aibalance.Features) { r.Header.Set("X-Session-ID", v) }
+	}
+	cookie := func(v string) func(*http.Request, *aibalance.Features) {
+		return func(r *http.Request, _ *aibalance.Features) { r.AddCookie(&http.Cookie{Name: "sid", Value: v}) }
+	}
+	pck := func(v string) func(*http.Request, *aibalance.Features) {
+		return func(_ *http.Request, f *aibalance.Features) { f.PromptCacheKey = v }
+	}
+	for _, tc := range []struct {
+		name, mode, key string
+		a, b            func(*http.Request, *aibalance.Features)
+	}{
+		{"user", AffinitySession, "", user("alice"), user("bob")},
+		{"header", AffinityHeader, "X-Session-ID", header("s1"), header("s2")},
+		{"cookie", AffinityCookie, "sid", cookie("c1"), cookie("c2")},
+		{"prompt_cache_key", AffinityPrefix, "", pck("k1"), pck("k2")},
+	} {
+		a1, a2, b1 := key(tc.mode, tc.key, tc.a), key(tc.mode, tc.key, tc.a), key(tc.mode, tc.key, tc.b)
+		if a1 == 0 || a1 != a2 || a1 == b1 {
+			t.Fatalf("%s: keys %x %x %x: want equal for the same session, different for another", tc.name, a1, a2, b1)
+		}
+	}
+	if k := key(AffinityPrefix, "", user("alice")); k != 0 {
+		t.Fatal("affinity prefix keyed a session by its user")
+	}
+	if k := key(AffinitySession, "", func(*http.Request, *aibalance.Features) {}); k != 0 {
+		t.Fatal("a request with no user has a session key")
+	}
+}
+
+// TestSessionStickyBoundedByLoad: a session returns to the backend that
+// served it while loads are comparable, and leaves it when it is loaded.
+func TestSessionStickyBoundedByLoad(t *testing.T) {
+	p := newPredictive(2, true)
+	p.Affinity = AffinitySession
+	p.affinity = true
+	p.pool.SetAffinity(true)
+	defer p.set.Release()
+	pool := testPool(t, 4)
+	now := time.Now()
+	bt := p.app.BlockTokens()
+	send := func(user string) (string, aibalance.Attempt) {
+		r := varsRequest()
+		f := p.app.Features(r)
+		*f = aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 3000, OutputTokens: 50, User: user}
+		u := p.Select(pool, r, nil)
+		b := p.set.Get(u.Dial)
+		cached := b.CachedTokens(f, bt)
+		b.RecordPrefix(f, cached, bt, 0)
+		return u.Dial, b.BeginCached(f, cached, p.pool.Prior(), now)
+	}
+	// teach every backend the same speed: 0.5 ms per uncached prompt
+	// token, and 300 ms per request queued ahead
+	for _, u := range pool {
+		b := p.set.Get(u.Dial)
+		for i := 0; i < 60; i++ {
+			prompt, queued := 100+50*(i%40), i%7
+			ttft := time.Duration(prompt)*time.Millisecond/2 + time.Duration(queued)*300*time.Millisecond
+			b.Model().Observe(aibalance.Observation{State: aibalance.LoadState{Inflight: float64(queued), Pending: float64(queued)},
+				Stream: true, PromptTokens: prompt, OutputTokens: 50, TTFT: ttft, E2E: ttft + 49*20*time.Millisecond}, 0.99, p.pool.Prior(), now)
+		}
+	}
+	first, att := send("alice")
+	att.End(aibalance.Outcome{Status: 200}, p.app.Lambda(), p.pool.Prior(), now)
+	same := 0
+	for i := 0; i < 10; i++ {
+		got, att := send("alice")
+		att.End(aibalance.Outcome{Status: 200}, p.app.Lambda(), p.pool.Prior(), now)
+		if got == first {
+			same++
+		}
+	}
+	if same < 9 {
+		t.Fatalf("the session returned to its backend %d of 10 times on an idle pool", same)
+	}
+	// load its backend heavily: the session goes elsewhere
+	b := p.set.Get(first)
+	for i := 0; i < 30; i++ {
+		b.Begin(&aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 3000, OutputTokens: 500}, p.pool.Prior(), now)
+	}
+	if got, _ := send("alice"); got == first {
+		t.Fatal("the session stayed on a backend with 30 requests queued while 3 others were idle")
+	}
 }

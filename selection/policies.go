@@ -52,7 +52,7 @@ const maxChoose = 16
 //	    choose      <k>|all
 //	    weights     <w1> <w2> ...
 //	    ttft_weight <w>
-//	    affinity    prefix|none
+//	    affinity    prefix|session|header <name>|cookie <name>|none
 //	}
 type AIPredictiveSelection struct {
 	// How many available upstreams to sample and compare for each request.
@@ -81,9 +81,16 @@ type AIPredictiveSelection struct {
 	// and predicts the time to first token from the uncached rest, so
 	// affinity and load are weighed in one score; near-equal candidates
 	// are then told apart by a hash of the request's prefix, so several
-	// Caddy instances send a conversation to the same backend. none
-	// ignores prefixes.
+	// Caddy instances send a conversation to the same backend. A
+	// request's prompt_cache_key is a session key in every mode but none.
+	// session also keys sessions by the OpenAI user field or Anthropic's
+	// metadata.user_id; header and cookie by the request header or cookie
+	// named by AffinityKey: a session's next request is expected to start
+	// with its latest one's prompt, held where that one went. none ignores
+	// prefixes and sessions.
 	Affinity string `json:"affinity,omitempty"`
+	// AffinityKey names the header or cookie of affinity header|cookie.
+	AffinityKey string `json:"affinity_key,omitempty"`
 
 	ttftWeight float64
 	affinity   bool
@@ -126,8 +133,11 @@ func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 
 // Affinity modes.
 const (
-	AffinityPrefix = "prefix"
-	AffinityNone   = "none"
+	AffinityPrefix  = "prefix"
+	AffinitySession = "session"
+	AffinityHeader  = "header"
+	AffinityCookie  = "cookie"
+	AffinityNone    = "none"
 )
 
 // Validate checks the configuration.
@@ -139,9 +149,16 @@ func (p *AIPredictiveSelection) Validate() error {
 		return fmt.Errorf("ai_predictive: ttft_weight must be between 0 and 1000, got %g", p.ttftWeight)
 	}
 	switch p.Affinity {
-	case "", AffinityPrefix, AffinityNone:
+	case "", AffinityPrefix, AffinitySession, AffinityNone:
+		if p.AffinityKey != "" {
+			return fmt.Errorf("ai_predictive: affinity_key applies to affinity header or cookie, not %q", p.Affinity)
+		}
+	case AffinityHeader, AffinityCookie:
+		if p.AffinityKey == "" {
+			return fmt.Errorf("ai_predictive: affinity %s needs the %s's name (affinity_key)", p.Affinity, p.Affinity)
+		}
 	default:
-		return fmt.Errorf("ai_predictive: affinity must be prefix or none, got %q", p.Affinity)
+		return fmt.Errorf("ai_predictive: affinity must be prefix, session, header, cookie or none, got %q", p.Affinity)
 	}
 	return validateWeights("ai_predictive", p.Weights)
 }
@@ -183,7 +200,10 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 	}
 	out := float64(f.OutputTokens)
 	blockTokens := p.app.BlockTokens()
-	affinity := p.affinity && len(f.PrefixHashes) > 0
+	if p.affinity {
+		f.SessionKey = p.sessionKey(r, f)
+	}
+	affinity := p.affinity && (len(f.PrefixHashes) > 0 || f.SessionKey != 0)
 	if affinity {
 		c.key = affinityKey(f)
 	}
@@ -208,6 +228,40 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		best = c.pick(pool, score, p.pool.Last(), p.Choose)
 	}
 	return p.finish(&c, pool, best)
+}
+
+// sessionKey is the request's session key under the policy's affinity:
+// its prompt_cache_key, else (session) its user, (header) the header,
+// (cookie) the cookie; 0 when none.
+func (p *AIPredictiveSelection) sessionKey(r *http.Request, f *aibalance.Features) uint64 {
+	if f.PromptCacheKey != "" {
+		return hashKey("pck\x00" + f.PromptCacheKey)
+	}
+	var v string
+	switch p.Affinity {
+	case AffinitySession:
+		v = f.User
+	case AffinityHeader:
+		v = r.Header.Get(p.AffinityKey)
+	case AffinityCookie:
+		if c, err := r.Cookie(p.AffinityKey); err == nil {
+			v = c.Value
+		}
+	}
+	if v == "" {
+		return 0
+	}
+	return hashKey(p.Affinity + "\x00" + v)
+}
+
+// hashKey hashes a session key (FNV-1a, mixed), never 0.
+func hashKey(s string) uint64 {
+	h := uint64(14695981039346656037)
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
+		h *= 1099511628211
+	}
+	return mix64(h) | 1
 }
 
 // held reports whether some upstream of pool holds a leading block of f's
@@ -272,11 +326,11 @@ func (p *AIPredictiveSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error
 			if p.Affinity != "" {
 				return d.Err("affinity already specified")
 			}
-			a, err := ParseAffinity(d)
+			a, key, err := ParseAffinity(d)
 			if err != nil {
 				return err
 			}
-			p.Affinity = a
+			p.Affinity, p.AffinityKey = a, key
 		default:
 			return d.Errf("unrecognized ai_predictive subdirective %q", d.Val())
 		}
@@ -688,18 +742,13 @@ func mix64(x uint64) uint64 {
 	return x
 }
 
-// affinityKey is the request's affinity key: its prompt_cache_key when it
-// gives one, else the chain hash of its first few prefix blocks (a system
+// affinityKey is the request's affinity key: its session key (see
+// sessionKey) when it has one, else the chain hash of its first few prefix blocks (a system
 // prompt and the start of a conversation: what later turns share); 0 when
 // it has neither.
 func affinityKey(f *aibalance.Features) uint64 {
-	if f.PromptCacheKey != "" {
-		h := uint64(14695981039346656037)
-		for i := 0; i < len(f.PromptCacheKey); i++ {
-			h ^= uint64(f.PromptCacheKey[i])
-			h *= 1099511628211
-		}
-		return mix64(h) | 1
+	if f.SessionKey != 0 {
+		return f.SessionKey
 	}
 	if n := len(f.PrefixHashes); n > 0 {
 		return f.PrefixHashes[min(n, affinityKeyBlocks)-1] | 1
@@ -838,19 +887,27 @@ func ParseChoose(d *caddyfile.Dispenser) (k int, all bool, err error) {
 	return k, all, nil
 }
 
-// ParseAffinity reads the one argument of an affinity subdirective.
-func ParseAffinity(d *caddyfile.Dispenser) (string, error) {
+// ParseAffinity reads the arguments of an affinity subdirective:
+// prefix, session, header <name>, cookie <name> or none.
+func ParseAffinity(d *caddyfile.Dispenser) (mode, key string, err error) {
 	if !d.NextArg() {
-		return "", d.ArgErr()
+		return "", "", d.ArgErr()
 	}
-	a := d.Val()
-	if a != AffinityPrefix && a != AffinityNone {
-		return "", d.Errf("affinity: want prefix or none, got %q", a)
+	mode = d.Val()
+	switch mode {
+	case AffinityPrefix, AffinitySession, AffinityNone:
+	case AffinityHeader, AffinityCookie:
+		if !d.NextArg() {
+			return "", "", d.Errf("affinity %s: give the %s's name", mode, mode)
+		}
+		key = d.Val()
+	default:
+		return "", "", d.Errf("affinity: want prefix, session, header <name>, cookie <name> or none, got %q", mode)
 	}
 	if d.NextArg() {
-		return "", d.ArgErr()
+		return "", "", d.ArgErr()
 	}
-	return a, nil
+	return mode, key, nil
 }
 
 // ParseTTFTWeight reads the one argument of a ttft_weight subdirective.

@@ -242,7 +242,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		f.Probe = ""
 	}
 	cached := 0
-	if pool.Affinity() && len(f.PrefixHashes) > 0 {
+	if pool.Affinity() && (len(f.PrefixHashes) > 0 || f.SessionKey != 0) {
 		// what the policy counted on, for the model to learn from the
 		// prompt tokens the engine must prefill; then the prompt is
 		// recorded as held there
