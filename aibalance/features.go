@@ -139,6 +139,10 @@ type Features struct {
 	// affinity: a user, a header, a cookie, a prompt_cache_key); 0: none.
 	// Set by the policy, recorded by the transport.
 	SessionKey uint64
+	// OwnerLost is set when the backend that stores the request's
+	// previous response (or conversation) could not take it: it went
+	// elsewhere, and the answer says so (X-Aibalance-Affinity).
+	OwnerLost bool
 	// Probe is the address whose half-open probe this request holds.
 	Probe string
 	// Reject, when set by the policy, is the answer the transport gives

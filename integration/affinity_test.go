@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"io"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -122,5 +123,75 @@ func TestPrefixAffinityHitRate(t *testing.T) {
 	// benchmark's chat workload and is not met yet
 	if rates["ai_predictive"] < 1.2*rates["least_conn"] {
 		t.Fatalf("hit rate %.2f with prefix affinity, %.2f with least_conn: want at least 1.2×", rates["ai_predictive"], rates["least_conn"])
+	}
+}
+
+// respond posts a Responses API request continuing prev ("" for a new
+// one) and returns its status, its id and the affinity header.
+func respond(t *testing.T, url, prev string, stream bool) (int, string, string) {
+	t.Helper()
+	req := map[string]any{"input": "and then?", "max_output_tokens": 8, "stream": stream}
+	if prev != "" {
+		req["previous_response_id"] = prev
+	}
+	body, _ := json.Marshal(req)
+	res, err := http.Post(url, "application/json", strings.NewReader(string(body)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(res.Body)
+	var id string
+	if stream {
+		// the first event carries the response object
+		if i := strings.Index(string(raw), `"id":"resp_`); i >= 0 {
+			rest := string(raw[i+6:])
+			id = rest[:strings.IndexByte(rest, '"')]
+		}
+	} else {
+		var r struct{ ID string }
+		_ = json.Unmarshal(raw, &r)
+		id = r.ID
+	}
+	return res.StatusCode, id, res.Header.Get("X-Aibalance-Affinity")
+}
+
+// TestStatefulResponses: a chain of 20 Responses requests, each naming the
+// previous one's id, reaches the backend that stored it every time
+// (another backend answers 404: it does not know the history); when that
+// backend dies the next request goes elsewhere and its answer says so.
+func TestStatefulResponses(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	p := pool(t, llmsim.Config{}, llmsim.Config{}, llmsim.Config{})
+	// affinity none: only the learned owner keeps the chain together
+	url := aiProxy(t, tester, upstreams(p), "\t\t"+upstreamHeader+"\n\t\taffinity none") + "/v1/responses"
+	prev := ""
+	for turn := 0; turn < 20; turn++ {
+		status, id, lost := respond(t, url, prev, turn%2 == 0)
+		if status != 200 || id == "" || lost != "" {
+			t.Fatalf("turn %d: %d, id %q, affinity %q", turn, status, id, lost)
+		}
+		prev = id
+	}
+	var owner *llmsim.Server
+	for _, s := range p.Servers {
+		if st := s.Stats(); st.BadRequests != 0 {
+			t.Fatalf("a backend was asked for a response it does not store (%d times)", st.BadRequests)
+		}
+		if s.Stats().Completed >= 19 {
+			owner = s
+		}
+	}
+	if owner == nil {
+		t.Fatal("the chain was not served by one backend")
+	}
+	owner.Stop()
+	status, _, lost := respond(t, url, prev, false)
+	t.Logf("20 turns on one backend; after it died: %d, X-Aibalance-Affinity %q", status, lost)
+	if lost == "" {
+		t.Fatalf("the owner died: answer %d without saying the affinity was lost", status)
+	}
+	if status, id, _ := respond(t, url, "", false); status != 200 || id == "" {
+		t.Fatalf("a new chain after the owner died: %d", status)
 	}
 }

@@ -27,6 +27,7 @@ type chatRequest struct {
 	MaxTokens           *int            `json:"max_tokens"`
 	MaxCompletionTokens *int            `json:"max_completion_tokens"`
 	Stream              bool            `json:"stream"`
+	PreviousResponseID  string          `json:"previous_response_id"` // /v1/responses: history stored here
 	StreamOptions       *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
@@ -157,6 +158,13 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, api apiKind) {
 	var req chatRequest
 	cfg, ok := s.admit(w, r, &req)
 	if !ok {
+		return
+	}
+	if api == apiResponses && req.PreviousResponseID != "" && !s.storedResponse(req.PreviousResponseID) {
+		// its history lives on the server that produced it: as OpenAI and
+		// vLLM answer, another server does not know it
+		s.stats.badRequests.Add(1)
+		openAIError(w, http.StatusNotFound, "invalid_request_error", fmt.Sprintf("Previous response with id '%s' not found.", req.PreviousResponseID))
 		return
 	}
 	text, err := promptText(&req, api)
@@ -291,7 +299,8 @@ func (s *Server) answerer(w http.ResponseWriter, api apiKind, cfg Config, arrive
 	}
 	switch api {
 	case apiResponses:
-		o.id = fmt.Sprintf("resp_%d", arrived.UnixNano())
+		o.id = fmt.Sprintf("resp_%d_%d", arrived.UnixNano(), s.idSeq.Add(1))
+		s.storeResponse(o.id)
 		return &responsesAnswer{responder: o}
 	case apiMessages:
 		o.id = fmt.Sprintf("msg_%d", arrived.UnixNano())
@@ -451,4 +460,32 @@ func (o *responder) end(stream, includeUsage bool, prompt, n int) {
 	b, _ := json.Marshal(body)
 	o.w.Header().Set("Content-Type", "application/json")
 	_, _ = io.WriteString(o.w, o.json(string(b))+"\n")
+}
+
+// maxStoredResponses bounds the responses a server remembers; the oldest
+// half is forgotten when it is reached.
+const maxStoredResponses = 100000
+
+func (s *Server) storeResponse(id string) {
+	s.respMu.Lock()
+	defer s.respMu.Unlock()
+	if s.responses == nil {
+		s.responses = map[string]int64{}
+	}
+	s.respN++
+	s.responses[id] = s.respN
+	if len(s.responses) > maxStoredResponses {
+		for k, n := range s.responses {
+			if n < s.respN-maxStoredResponses/2 {
+				delete(s.responses, k)
+			}
+		}
+	}
+}
+
+func (s *Server) storedResponse(id string) bool {
+	s.respMu.Lock()
+	defer s.respMu.Unlock()
+	_, ok := s.responses[id]
+	return ok
 }

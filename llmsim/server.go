@@ -175,6 +175,12 @@ type Server struct {
 	rng     *rand.Rand
 	rngMu   sync.Mutex
 	timers  []*time.Timer // pending SpeedChanges
+
+	// the Responses API's stored responses (previous_response_id)
+	respMu    sync.Mutex
+	responses map[string]int64
+	respN     int64
+	idSeq     atomic.Int64
 }
 
 // New returns a server with cfg that is not listening yet.

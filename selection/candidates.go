@@ -116,6 +116,9 @@ func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reversepro
 	if c.health == nil {
 		c.health = c.pool.Health()
 	}
+	if u := c.owner(pool); u != nil {
+		return u
+	}
 	if u := c.probe(pool); u != nil {
 		return u
 	}
@@ -147,6 +150,37 @@ func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reversepro
 			return best
 		}
 	}
+	return nil
+}
+
+// owner returns the backend that stores the history a stateful Responses
+// request continues (previous_response_id, conversation) when it may take
+// it; nil when none is known, or when it is out, and then the request is
+// routed as any other and marked so that its answer says so.
+func (c *candidates) owner(pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
+	if c.f == nil || c.f.API != aibalance.APIResponses {
+		return nil
+	}
+	key := c.f.StatefulKey()
+	if key == "" {
+		return nil
+	}
+	addr, ok := aibalance.Owner(key, c.now)
+	if !ok {
+		return nil
+	}
+	for _, u := range pool {
+		if u.Dial != addr {
+			continue
+		}
+		if c.ok(0, u) && c.claim(0, u) {
+			c.f.OwnerLost = false
+			c.tried.Add(u.Dial)
+			return u
+		}
+		break
+	}
+	c.f.OwnerLost = true
 	return nil
 }
 

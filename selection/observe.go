@@ -56,6 +56,8 @@ type observedBody struct {
 	sse     bool
 	outcome aibalance.Outcome
 	probe   bool               // the attempt holds a half-open probe
+	owner   string             // a Responses answer's backend: its response id is recorded as stored there
+	head    []byte             // the first bytes of a Responses answer, where its id is
 	cancel  context.CancelFunc // the attempt's context (first-byte timer); nil: none
 	once    sync.Once
 
@@ -75,6 +77,9 @@ const (
 func (o *observedBody) Read(p []byte) (int, error) {
 	n, err := o.ReadCloser.Read(p)
 	if n > 0 {
+		if o.owner != "" && o.bytes < maxIDHead {
+			o.learnID(p[:n])
+		}
 		o.bytes += int64(n)
 		if o.sse {
 			o.scanSSE(p[:n])
@@ -146,6 +151,37 @@ func (o *observedBody) finish(err error) {
 			o.cancel()
 		}
 	})
+}
+
+// maxIDHead is how far into a Responses answer its id is looked for: the
+// id comes first in the response object, and the first stream event
+// (response.created) carries that object.
+const maxIDHead = 2048
+
+var idField = []byte(`"id"`)
+
+// learnID looks for the response's id in the head of a Responses answer
+// and records its backend as the one that stores it.
+func (o *observedBody) learnID(p []byte) {
+	o.head = append(o.head, p[:min(len(p), maxIDHead-len(o.head))]...)
+	i := bytes.Index(o.head, idField)
+	if i < 0 {
+		return
+	}
+	rest := bytes.TrimLeft(o.head[i+len(idField):], " \t\r\n")
+	if len(rest) == 0 || rest[0] != ':' {
+		return
+	}
+	rest = bytes.TrimLeft(rest[1:], " \t\r\n")
+	if len(rest) == 0 || rest[0] != '"' {
+		return
+	}
+	end := bytes.IndexByte(rest[1:], '"')
+	if end < 0 {
+		return // cut in the middle: the next read completes it
+	}
+	aibalance.RecordOwner(string(rest[1:1+end]), o.owner, o.att.Start())
+	o.owner, o.head = "", nil
 }
 
 func keepTail(tail, p []byte) []byte {

@@ -337,6 +337,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	fb.stop()
+	if f.OwnerLost {
+		res.Header.Set("X-Aibalance-Affinity", "lost: the backend that stored the previous response is unavailable")
+	}
 	res.Body = &observedBody{
 		ReadCloser: res.Body,
 		t:          t,
@@ -347,6 +350,13 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		outcome:    outcome,
 		probe:      probe,
 		cancel:     fb.releaseFunc(),
+	}
+	if f.API == aibalance.APIResponses && res.StatusCode < 300 {
+		ob := res.Body.(*observedBody)
+		ob.owner = di.Upstream.Dial
+		if f.Conversation != "" {
+			aibalance.RecordOwner("conversation:"+f.Conversation, ob.owner, start)
+		}
 	}
 	return res, nil
 }
