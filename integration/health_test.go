@@ -325,7 +325,9 @@ func TestShorterRetryAfterKeepsCooldown(t *testing.T) {
 func TestBreakerOpensAndRecovers(t *testing.T) {
 	tester := caddytest.NewTester(t)
 	p := pool(t, llmsim.Config{Faults: llmsim.Faults{ErrorRate: 0.3}}, llmsim.Config{})
-	url := aiProxy(t, tester, upstreams(p), "\t\tcircuit_breaker {\n\t\t\topen_duration 1s\n\t\t\tmax_open_duration 2s\n\t\t}") + "/v1/chat/completions"
+	// failure_ratio 0.15: a few seconds give the sick backend a few dozen
+	// attempts, whose observed error share varies around 30%
+	url := aiProxy(t, tester, upstreams(p), "\t\tcircuit_breaker {\n\t\t\tfailure_ratio 0.15\n\t\t\topen_duration 1s\n\t\t\tmax_open_duration 2s\n\t\t}") + "/v1/chat/completions"
 	sick := p.Servers[0]
 	var seen sync.Map
 	stop := make(chan struct{})
@@ -347,13 +349,21 @@ func TestBreakerOpensAndRecovers(t *testing.T) {
 			if _, ok := seen.Load("view"); !ok {
 				// the admin view shows the open breaker and why
 				var v aibalance.UpstreamView
-				if code, raw := adminGet(t, http.MethodGet, "/aibalance/upstreams/"+sick.Addr()); code == 200 && json.Unmarshal(raw, &v) == nil && v.State == "open" {
+				if code, raw := adminFetch("/aibalance/upstreams/" + sick.Addr()); code == 200 && json.Unmarshal(raw, &v) == nil && v.State == "open" {
 					seen.Store("view", v.Reason)
 				}
 			}
 		}
 	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
+	defer func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		polled.Wait()
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	out := runLoad(ctx, url, 6, 16, "")
 	cancel()
 	failed, cut := countFailed(out)
@@ -563,4 +573,18 @@ func TestAllDownThenOneBack(t *testing.T) {
 		t.Fatal("no request succeeded within 10 s of a backend coming back")
 	}
 	drive(t, url, 10, 2, 8)
+}
+
+// adminFetch is adminGet for goroutines that must not end the test: it
+// reports a failed request as status 0.
+func adminFetch(path string) (int, []byte) {
+	req, _ := http.NewRequest(http.MethodGet, "http://localhost:2999"+path, nil)
+	req.Header.Set("Origin", "http://localhost:2999")
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, nil
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(res.Body)
+	return res.StatusCode, b
 }
