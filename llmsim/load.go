@@ -32,7 +32,11 @@ type Workload struct {
 	MinOutput         int // max_tokens, log-uniform between Min and Max
 	MaxOutput         int
 	Seed              uint64
-	Client            *http.Client
+	// Shape is what the prompts share: ShapeUniform (nothing, the
+	// default), ShapeChat, ShapePrefix or ShapeAgentic. MinPrompt and
+	// MaxPrompt then size each new message, not the whole prompt.
+	Shape  string
+	Client *http.Client
 	// OnResult, if set, sees every result as it arrives (the demo's live view).
 	OnResult func(Record)
 }
@@ -120,16 +124,26 @@ func (w Workload) Run(ctx context.Context, drain time.Duration) []Record {
 	start := time.Now()
 	next := start
 	gaps := newArrivals(w, r)
+	shapes := newShaper(w, r)
 	for i := 0; ; i++ {
 		next = next.Add(gaps.next())
 		if next.Sub(start) >= w.Duration || ctx.Err() != nil {
 			break
 		}
 		time.Sleep(time.Until(next))
-		prompt := logUniform(r, w.MinPrompt, w.MaxPrompt)
-		output := logUniform(r, w.MinOutput, w.MaxOutput)
-		stream := w.NonStream <= 0 || r.Float64() >= w.NonStream
-		body := ChatBody("", randomText(i, prompt*4, r), output, stream)
+		var body []byte
+		var prompt, output int
+		var stream bool
+		if w.Shape == ShapeUniform { // the draws in their original order
+			prompt = logUniform(r, w.MinPrompt, w.MaxPrompt)
+			output = logUniform(r, w.MinOutput, w.MaxOutput)
+			stream = w.NonStream <= 0 || r.Float64() >= w.NonStream
+			body = ChatBody("", randomText(i, prompt*4, r), output, stream)
+		} else {
+			output = logUniform(r, w.MinOutput, w.MaxOutput)
+			stream = w.NonStream <= 0 || r.Float64() >= w.NonStream
+			body, prompt = shapes.body(i, output, stream)
+		}
 		warm := next.Sub(start) < w.Warmup
 		wg.Add(1)
 		go func() {

@@ -26,7 +26,8 @@ type cell struct {
 	burstOff   time.Duration
 	load       float64 // offered load as a fraction of the pool's capacity
 	warmup     bool
-	scrape     bool // the transport may scrape the engines' /metrics
+	scrape     bool   // the transport may scrape the engines' /metrics
+	shape      string // what prompts share (llmsim.Shape*); min/maxPrompt size each new message
 }
 
 // baseCell is the cell the others vary one factor at a time.
@@ -120,6 +121,16 @@ func allCells() []cell {
 		add(fmt.Sprintf("load-%.0f", l*100), fmt.Sprintf("offered load %.0f%% of capacity", l*100), func(c *cell) { c.load = l })
 	}
 	add("nowarmup", "no warm-up: cold balancer state is measured", func(c *cell) { c.warmup = false })
+	// what prompts share: prefix-cache affinity
+	add("aff-chat", "multi-turn chat: 96 conversations of up to 8 turns, each sending its whole history (new messages 50–300 tokens)", func(c *cell) {
+		c.shape, c.minPrompt, c.maxPrompt = llmsim.ShapeChat, 50, 300
+	})
+	add("aff-prefix", "48 tenants by Zipf popularity, each with its own 1200-token system prompt, and a 50–300-token question", func(c *cell) {
+		c.shape, c.minPrompt, c.maxPrompt = llmsim.ShapePrefix, 50, 300
+	})
+	add("aff-agentic", "24 agent loops of up to 24 short turns after a 2500-token tool-and-instructions prefix (4 kinds of agent)", func(c *cell) {
+		c.shape, c.minPrompt, c.maxPrompt = llmsim.ShapeAgentic, 20, 100
+	})
 	return cells
 }
 
@@ -150,7 +161,7 @@ func pickCells(list string) ([]cell, error) {
 func (c cell) workload(seed uint64, warmup, measured time.Duration) llmsim.Workload {
 	w := llmsim.Workload{
 		MinPrompt: c.minPrompt, MaxPrompt: c.maxPrompt, MinOutput: c.minOutput, MaxOutput: c.maxOutput,
-		NonStream: c.nonStream, BurstOn: c.burstOn, BurstOff: c.burstOff, Seed: seed,
+		NonStream: c.nonStream, BurstOn: c.burstOn, BurstOff: c.burstOff, Seed: seed, Shape: c.shape,
 	}
 	if !c.warmup {
 		warmup = 0
@@ -187,7 +198,7 @@ func (c cell) capacities(cfgs []llmsim.Config, warmup, measured time.Duration) [
 	if !c.warmup {
 		warmup = 0
 	}
-	mp := logUniformMean(c.minPrompt, c.maxPrompt)
+	mp := llmsim.MeanShapedPrompt(c.shape, c.minPrompt, c.maxPrompt)
 	mo := logUniformMean(c.minOutput, c.maxOutput)
 	out := make([]float64, len(cfgs))
 	for i, e := range cfgs {

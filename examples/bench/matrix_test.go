@@ -55,8 +55,8 @@ func TestMatrixTinyCell(t *testing.T) {
 
 func TestPickCells(t *testing.T) {
 	all, err := pickCells("")
-	if err != nil || len(all) != 16 {
-		t.Fatalf("%d cells, %v; want 16", len(all), err)
+	if err != nil || len(all) != 19 {
+		t.Fatalf("%d cells, %v; want 19", len(all), err)
 	}
 	names := map[string]bool{}
 	for _, c := range all {
