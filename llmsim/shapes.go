@@ -49,6 +49,7 @@ const (
 	agentCount         = 24
 	agentPrefixTokens  = 2500
 	agentTurns         = 24
+	agentKinds         = 12
 )
 
 func newShaper(w Workload, r *rand.Rand) *shaper {
@@ -97,7 +98,7 @@ func (s *shaper) turn(n, limit, systemTokens, output int, stream bool, next func
 		s.next++
 		sys := fmt.Sprintf("You are assistant %d.", c.id)
 		if systemTokens > 0 {
-			sys = systemPrompt(c.id%4, systemTokens) // a few agent kinds share their tools
+			sys = systemPrompt(c.id%agentKinds, systemTokens) // agents of a kind share their tools
 		}
 		c.msgs = []map[string]string{{"role": "system", "content": sys}}
 		s.convs[k] = c

@@ -121,15 +121,27 @@ func allCells() []cell {
 		add(fmt.Sprintf("load-%.0f", l*100), fmt.Sprintf("offered load %.0f%% of capacity", l*100), func(c *cell) { c.load = l })
 	}
 	add("nowarmup", "no warm-up: cold balancer state is measured", func(c *cell) { c.warmup = false })
-	// what prompts share: prefix-cache affinity
-	add("aff-chat", "multi-turn chat: 96 conversations of up to 8 turns, each sending its whole history (new messages 50–300 tokens)", func(c *cell) {
+	// what prompts share: prefix-cache affinity. Engines with a KV cache of
+	// 16384 tokens (the working set fits the pool, not one engine) and a
+	// prefill of 120 µs a token (before the time scale), so that holding a
+	// prefix matters as it does on a large model.
+	affinityEngines := func(c *cell) {
+		c.engines = withTiming(c.engines, 8*time.Millisecond, 500*time.Microsecond, 120*time.Microsecond)
+		for i := range c.engines {
+			c.engines[i].CacheBlocks = 1024
+		}
+	}
+	add("aff-chat", "engines with a 16k-token KV cache and a 120 µs/token prefill; multi-turn chat: 96 conversations of up to 8 turns, each sending its whole history (new messages 50–300 tokens)", func(c *cell) {
 		c.shape, c.minPrompt, c.maxPrompt = llmsim.ShapeChat, 50, 300
+		affinityEngines(c)
 	})
-	add("aff-prefix", "48 tenants by Zipf popularity, each with its own 1200-token system prompt, and a 50–300-token question", func(c *cell) {
+	add("aff-prefix", "engines with a 16k-token KV cache and a 120 µs/token prefill; 48 tenants by Zipf popularity, each with its own 1200-token system prompt, and a 50–300-token question", func(c *cell) {
 		c.shape, c.minPrompt, c.maxPrompt = llmsim.ShapePrefix, 50, 300
+		affinityEngines(c)
 	})
-	add("aff-agentic", "24 agent loops of up to 24 short turns after a 2500-token tool-and-instructions prefix (4 kinds of agent)", func(c *cell) {
+	add("aff-agentic", "engines with a 16k-token KV cache and a 120 µs/token prefill; 24 agent loops of up to 24 short turns after a 2500-token tool-and-instructions prefix (12 kinds of agent)", func(c *cell) {
 		c.shape, c.minPrompt, c.maxPrompt = llmsim.ShapeAgentic, 20, 100
+		affinityEngines(c)
 	})
 	return cells
 }
