@@ -1,6 +1,7 @@
 package selection
 
 import (
+	"fmt"
 	"net/http"
 	"testing"
 	"time"
@@ -177,5 +178,45 @@ func TestSessionStickyBoundedByLoad(t *testing.T) {
 	}
 	if got, _ := send("alice"); got == first {
 		t.Fatal("the session stayed on a backend with 30 requests queued while 3 others were idle")
+	}
+}
+
+// BenchmarkSelectAffinity: ai_predictive's Select with prefix affinity, for
+// a prompt of 1 KB (16 blocks) and of 64 KB (its first 128 blocks hashed),
+// with one backend holding the prompt's prefix (so every backend of a pool
+// up to 16 is compared) and every backend's index holding 64 other
+// conversations.
+func BenchmarkSelectAffinity(b *testing.B) {
+	for _, n := range []int{4, 16, 64} {
+		for _, kb := range []int{1, 64} {
+			b.Run(fmt.Sprintf("%d/%dKB", n, kb), func(b *testing.B) {
+				pool := testPool(b, n)
+				p := newPredictive(2, false)
+				p.affinity = true
+				p.pool.SetAffinity(true)
+				p.body = bodyGuard{requestBuffers: 16 << 20}
+				defer p.set.Release()
+				blocks := min(kb*1024/64, aibalance.MaxPrefixBlocks)
+				for i, u := range pool {
+					be := p.set.Get(u.Dial)
+					for c := 0; c < 64; c++ {
+						be.RecordPrefix(&aibalance.Features{PrefixHashes: convHashes(1000*i+c, blocks/4)}, 0, 16, 0)
+					}
+				}
+				hashes := convHashes(7, blocks/4)
+				p.set.Get(pool[n/2].Dial).RecordPrefix(&aibalance.Features{PrefixHashes: hashes[:len(hashes)/2]}, 0, 16, 0)
+				r := varsRequest()
+				f := p.app.Features(r)
+				f.PromptTokens, f.PrefixHashes = kb*256, hashes
+				p.Select(pool, r, nil)
+				b.ReportAllocs()
+				for b.Loop() {
+					if p.Select(pool, r, nil) == nil {
+						b.Fatal("nil")
+					}
+					f.Tried.Reset()
+				}
+			})
+		}
 	}
 }
