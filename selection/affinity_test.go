@@ -220,3 +220,50 @@ func BenchmarkSelectAffinity(b *testing.B) {
 		}
 	}
 }
+
+// TestHotTenantSpreads: one tenant's requests (one shared prefix) arriving
+// at several times what one engine can hold in its batch spread over the
+// pool once the holder's queue outweighs the prefill it saves, instead of
+// queueing on it.
+func TestHotTenantSpreads(t *testing.T) {
+	p := newPredictive(2, true)
+	p.affinity = true
+	p.pool.SetAffinity(true)
+	defer p.set.Release()
+	pool := testPool(t, 4)
+	now := time.Now()
+	bt := p.app.BlockTokens()
+	// every backend learned the same speed: 0.2 ms a prompt token, and
+	// 400 ms for each request queued ahead
+	for _, u := range pool {
+		b := p.set.Get(u.Dial)
+		for i := 0; i < 60; i++ {
+			prompt, queued := 100+40*(i%40), i%7
+			ttft := time.Duration(prompt)*time.Millisecond/5 + time.Duration(queued)*400*time.Millisecond
+			b.Model().Observe(aibalance.Observation{State: aibalance.LoadState{Inflight: float64(queued), Pending: float64(queued)},
+				Stream: true, PromptTokens: prompt, OutputTokens: 50, TTFT: ttft, E2E: ttft + 49*20*time.Millisecond}, 0.99, p.pool.Prior(), now)
+		}
+	}
+	hashes := convHashes(42, 32) // a 2000-token system prompt
+	per := map[string]int{}
+	for i := 0; i < 48; i++ { // none finishes: the tenant's queue builds up
+		r := varsRequest()
+		f := p.app.Features(r)
+		*f = aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 2100, OutputTokens: 100, PrefixHashes: hashes}
+		u := p.Select(pool, r, nil)
+		b := p.set.Get(u.Dial)
+		cached := b.CachedTokens(f, bt)
+		b.RecordPrefix(f, cached, bt, 0)
+		b.BeginCached(f, cached, p.pool.Prior(), now)
+		per[u.Dial]++
+	}
+	t.Logf("48 requests of one tenant in flight: %v", per)
+	if len(per) < 3 {
+		t.Fatalf("a hot tenant stayed on %d engines: %v", len(per), per)
+	}
+	for addr, n := range per {
+		if n > 24 {
+			t.Fatalf("%s took %d of 48: the holder must give way under load", addr, n)
+		}
+	}
+}
