@@ -305,10 +305,6 @@ func (a *Attempt) release() {
 // Backend is the backend the attempt went to.
 func (a *Attempt) Backend() *Backend { return a.b }
 
-// Predicted is the model's completion time predicted at dispatch (0 for
-// requests that are not LLM work).
-func (a *Attempt) Predicted() time.Duration { return a.predicted }
-
 // Start is when the attempt began.
 func (a *Attempt) Start() time.Time { return a.start }
 

@@ -252,12 +252,6 @@ func (x *sessionIndex) get(key uint64) (int, bool) {
 	return int(v), ok
 }
 
-func (x *sessionIndex) size() int {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	return len(x.cur) + len(x.old)
-}
-
 // sessionLimit bounds each backend's session index per generation.
 const sessionLimit = 8192
 
@@ -283,6 +277,3 @@ func (b *Backend) HoldsSession(f *Features) bool {
 	_, ok := b.sessions.get(f.SessionKey)
 	return ok
 }
-
-// Sessions is how many sessions the backend's index holds.
-func (b *Backend) Sessions() int { return b.sessions.size() }

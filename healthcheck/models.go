@@ -89,7 +89,7 @@ func (s *Scraper) FetchModels(ctx context.Context) (*aibalance.ServedModels, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		drain(resp.Body)
+		Drain(resp.Body)
 		return nil, fmt.Errorf("%w: status %d", errNoModels, resp.StatusCode)
 	}
 	m, err := ParseModels(resp.Body, maxModelsBytes)

@@ -411,7 +411,7 @@ func (s *Scraper) Scrape(ctx context.Context) (aibalance.EngineMetrics, error) {
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		drain(resp.Body)
+		Drain(resp.Body)
 		return aibalance.EngineMetrics{}, fmt.Errorf("scraping %s: status %d", s.url, resp.StatusCode)
 	}
 	if resp.ContentLength > s.cfg.MaxBytes {
@@ -421,7 +421,7 @@ func (s *Scraper) Scrape(ctx context.Context) (aibalance.EngineMetrics, error) {
 	m, err := Parse(s.cfg.Engine, resp.Body, s.cfg.MaxBytes)
 	if err != nil {
 		if !errors.Is(err, errTooLarge) {
-			drain(resp.Body)
+			Drain(resp.Body)
 		}
 		return aibalance.EngineMetrics{}, fmt.Errorf("scraping %s: %w", s.url, err)
 	}
@@ -429,9 +429,9 @@ func (s *Scraper) Scrape(ctx context.Context) (aibalance.EngineMetrics, error) {
 	return m, nil
 }
 
-// drain reads a little of what is left of a body so its connection can be
+// Drain reads a little of what is left of a body so its connection can be
 // reused.
-func drain(r io.Reader) { _, _ = io.Copy(io.Discard, io.LimitReader(r, 64<<10)) }
+func Drain(r io.Reader) { _, _ = io.Copy(io.Discard, io.LimitReader(r, 64<<10)) }
 
 // scrapers holds one Scraper per upstream address and configuration, shared
 // by every handler that uses them. It is package level so that a scraper

@@ -294,15 +294,21 @@ func rejectResponse(req *http.Request, api aibalance.API, rej *aibalance.Reject)
 	b, _ := json.Marshal(body)
 	b = append(b, '\n')
 	h := http.Header{}
-	h.Set("Content-Type", "application/json")
-	h.Set("Content-Length", strconv.Itoa(len(b)))
 	h.Set("X-Aibalance-Error", rej.Code)
 	if rej.RetryAfter > 0 {
 		setRetryAfter(h, rej.RetryAfter)
 	}
+	return jsonResponse(req, rej.Status, h, b)
+}
+
+// jsonResponse is an answer the balancer gives itself, without a backend:
+// status, the headers h, and the JSON body b.
+func jsonResponse(req *http.Request, status int, h http.Header, b []byte) *http.Response {
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(b)))
 	return &http.Response{
-		Status:        fmt.Sprintf("%d %s", rej.Status, http.StatusText(rej.Status)),
-		StatusCode:    rej.Status,
+		Status:        fmt.Sprintf("%d %s", status, http.StatusText(status)),
+		StatusCode:    status,
 		Proto:         "HTTP/1.1",
 		ProtoMajor:    1,
 		ProtoMinor:    1,
@@ -312,10 +318,6 @@ func rejectResponse(req *http.Request, api aibalance.API, rej *aibalance.Reject)
 		Request:       req,
 	}
 }
-
-// drain reads a little of what is left of a body so its connection can be
-// reused.
-func drain(r io.Reader) { _, _ = io.Copy(io.Discard, io.LimitReader(r, 64<<10)) }
 
 // modelList answers GET /v1/models for the whole pool when every member's
 // models are known: the union of what they serve, in the OpenAI list
@@ -357,11 +359,6 @@ func (t *Transport) modelList(req *http.Request, pool *aibalance.Pool) *http.Res
 	}
 	b, _ := json.Marshal(map[string]any{"object": "list", "data": data})
 	h := http.Header{}
-	h.Set("Content-Type", "application/json")
-	h.Set("Content-Length", strconv.Itoa(len(b)))
 	h.Set("X-Aibalance-Models", "pool")
-	return &http.Response{
-		Status: "200 OK", StatusCode: http.StatusOK, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
-		Header: h, Body: io.NopCloser(bytes.NewReader(b)), ContentLength: int64(len(b)), Request: req,
-	}
+	return jsonResponse(req, http.StatusOK, h, b)
 }

@@ -255,14 +255,7 @@ func (p *AIPredictiveSelection) sessionKey(r *http.Request, f *aibalance.Feature
 }
 
 // hashKey hashes a session key (FNV-1a, mixed), never 0.
-func hashKey(s string) uint64 {
-	h := uint64(14695981039346656037)
-	for i := 0; i < len(s); i++ {
-		h ^= uint64(s[i])
-		h *= 1099511628211
-	}
-	return mix64(h) | 1
-}
+func hashKey(s string) uint64 { return mix64(fnv64(s)) | 1 }
 
 // held reports whether some upstream of pool holds a leading block of f's
 // prompt (see aibalance.Backend.CachedTokens).
@@ -723,13 +716,16 @@ func nearBest(pool reverseproxy.UpstreamPool, cands []scored, key uint64) int {
 // rendezvous is the highest-random-weight hash of key on addr (Thaler and
 // Ravishankar): each key ranks the upstreams in its own order, the same
 // everywhere, and removing one upstream moves only its keys.
-func rendezvous(key uint64, addr string) uint64 {
+func rendezvous(key uint64, addr string) uint64 { return mix64(fnv64(addr) ^ key) }
+
+// fnv64 is FNV-1a of s.
+func fnv64(s string) uint64 {
 	h := uint64(14695981039346656037)
-	for i := 0; i < len(addr); i++ {
-		h ^= uint64(addr[i])
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
 		h *= 1099511628211
 	}
-	return mix64(h ^ key)
+	return h
 }
 
 // mix64 is splitmix64's finalizer.

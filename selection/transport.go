@@ -298,7 +298,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		// another backend may answer: Caddy retries a dial error with any
 		// method, and the body was never sent to the client
 		fb.stop()
-		drain(res.Body)
+		healthcheck.Drain(res.Body)
 		res.Body.Close()
 		now := t.clock()
 		outcome.E2E = now.Sub(start)
