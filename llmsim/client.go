@@ -52,10 +52,18 @@ type Chunk struct {
 // for a 200 text/event-stream answer, checking that every event is a valid
 // chunk and that the stream ends with [DONE]; JSON otherwise.
 func Complete(ctx context.Context, client *http.Client, url string, body []byte) (Result, error) {
+	return CompleteWith(ctx, client, url, body, nil)
+}
+
+// CompleteWith is Complete with extra request headers.
+func CompleteWith(ctx context.Context, client *http.Client, url string, body []byte, header http.Header) (Result, error) {
 	var res Result
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
 		return res, err
+	}
+	for k, v := range header {
+		req.Header[k] = v
 	}
 	req.Header.Set("Content-Type", "application/json")
 	start := time.Now()

@@ -69,6 +69,7 @@ type Record struct {
 	Warmup  bool
 	Stream  bool // sent with "stream": true
 	Started time.Time
+	Session string // a shaped request's session (see SessionHeader)
 }
 
 // arrivals yields the gaps between request arrivals.
@@ -132,6 +133,8 @@ func (w Workload) Run(ctx context.Context, drain time.Duration) []Record {
 		}
 		time.Sleep(time.Until(next))
 		var body []byte
+		var header http.Header
+		var session string
 		var prompt, output int
 		var stream bool
 		if w.Shape == ShapeUniform { // the draws in their original order
@@ -142,18 +145,21 @@ func (w Workload) Run(ctx context.Context, drain time.Duration) []Record {
 		} else {
 			output = logUniform(r, w.MinOutput, w.MaxOutput)
 			stream = w.NonStream <= 0 || r.Float64() >= w.NonStream
-			body, prompt = shapes.body(i, output, stream)
+			body, prompt, session = shapes.body(i, output, stream)
+			if session != "" {
+				header = http.Header{SessionHeader: {session}}
+			}
 		}
 		warm := next.Sub(start) < w.Warmup
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			t := time.Now()
-			res, err := Complete(reqCtx, client, w.URL, body)
+			res, err := CompleteWith(reqCtx, client, w.URL, body, header)
 			if !stream {
 				res.TTFT = res.E2E // what a non-streaming client waits for
 			}
-			rec := Record{Result: res, Err: err, Prompt: prompt, Output: output, Warmup: warm, Stream: stream, Started: t}
+			rec := Record{Result: res, Err: err, Prompt: prompt, Output: output, Warmup: warm, Stream: stream, Started: t, Session: session}
 			if w.OnResult != nil {
 				w.OnResult(rec)
 			}

@@ -36,14 +36,18 @@ type shaper struct {
 
 type conversation struct {
 	id, turns, limit int
+	lastOutput       int // the previous turn's max_tokens: its answer's length
 	msgs             []map[string]string
 }
 
 // shape parameters: enough concurrent conversations or tenants that an
 // engine's prefix cache cannot hold them all, few enough that they recur.
+// Chat: 32 conversations of 2–16 turns whose history grows by a question
+// and an answer each turn hold about 35k tokens at a time, twice a 16k-token
+// engine cache and half of four.
 const (
-	chatConversations  = 96
-	chatTurns          = 8
+	chatConversations  = 32
+	chatTurns          = 16
 	prefixTenants      = 48
 	prefixSystemTokens = 1200
 	agentCount         = 24
@@ -60,8 +64,14 @@ func newShaper(w Workload, r *rand.Rand) *shaper {
 	return s
 }
 
-// body returns the next request's body and its prompt tokens (estimated).
-func (s *shaper) body(i, output int, stream bool) ([]byte, int) {
+// SessionHeader carries a shaped request's session (its conversation,
+// agent loop or tenant), as a client that names its sessions sends it: what
+// Caddy's header policy and affinity header hash.
+const SessionHeader = "X-Session-Id"
+
+// body returns the next request's body, its prompt tokens (estimated) and
+// its session.
+func (s *shaper) body(i, output int, stream bool) ([]byte, int, string) {
 	switch s.shape {
 	case ShapeChat:
 		return s.turn(chatConversations, chatTurns, 0, output, stream, func(c *conversation) string {
@@ -77,17 +87,17 @@ func (s *shaper) body(i, output int, stream bool) ([]byte, int) {
 			{"role": "system", "content": systemPrompt(tenant, prefixSystemTokens)},
 			{"role": "user", "content": randomText(i, 4*logUniform(s.r, s.w.MinPrompt, s.w.MaxPrompt), s.r)},
 		}
-		return chatBody(msgs, output, stream), tokensOf(msgs)
+		return chatBody(msgs, output, stream), tokensOf(msgs), fmt.Sprintf("tenant-%d", tenant)
 	}
 	prompt := logUniform(s.r, s.w.MinPrompt, s.w.MaxPrompt)
-	return ChatBody("", randomText(i, prompt*4, s.r), output, stream), prompt
+	return ChatBody("", randomText(i, prompt*4, s.r), output, stream), prompt, ""
 }
 
 // turn advances a random conversation of n (replacing finished ones) by
 // one user message and returns the request with its whole history. A
 // conversation starts with a system prompt of systemTokens (0: a short
 // one of its own).
-func (s *shaper) turn(n, limit, systemTokens, output int, stream bool, next func(*conversation) string) ([]byte, int) {
+func (s *shaper) turn(n, limit, systemTokens, output int, stream bool, next func(*conversation) string) ([]byte, int, string) {
 	if s.convs == nil {
 		s.convs = make([]*conversation, n)
 	}
@@ -103,12 +113,14 @@ func (s *shaper) turn(n, limit, systemTokens, output int, stream bool, next func
 		c.msgs = []map[string]string{{"role": "system", "content": sys}}
 		s.convs[k] = c
 	} else {
-		// the answer to the previous turn, as the client keeps it
-		c.msgs = append(c.msgs, map[string]string{"role": "assistant", "content": strings.Repeat("w ", 16)})
+		// the answer to the previous turn, as the client keeps it: as
+		// long as that turn's output (the simulator writes max_tokens)
+		c.msgs = append(c.msgs, map[string]string{"role": "assistant", "content": strings.Repeat("wrd ", max(c.lastOutput, 1))})
 	}
 	c.msgs = append(c.msgs, map[string]string{"role": "user", "content": next(c)})
 	c.turns++
-	return chatBody(c.msgs, output, stream), tokensOf(c.msgs)
+	c.lastOutput = output
+	return chatBody(c.msgs, output, stream), tokensOf(c.msgs), fmt.Sprintf("conversation-%d", c.id)
 }
 
 // systemPrompt is tenant's fixed system prompt of about n tokens.
@@ -135,14 +147,15 @@ func tokensOf(msgs []map[string]string) int {
 }
 
 // MeanShapedPrompt estimates a shape's mean prompt tokens, for capacity
-// estimates: the history or prefix dominates.
-func MeanShapedPrompt(shape string, minPrompt, maxPrompt int) float64 {
+// estimates: the history or prefix dominates. Each turn of a conversation
+// adds a message and the previous answer (the mean output).
+func MeanShapedPrompt(shape string, minPrompt, maxPrompt int, meanOutput float64) float64 {
 	q := logUniformMean(minPrompt, maxPrompt)
 	switch shape {
 	case ShapeChat:
-		return 0.5 * float64(chatTurns) * (q + 20)
+		return 0.5 * float64(chatTurns) * (q + meanOutput)
 	case ShapeAgentic:
-		return agentPrefixTokens + 0.5*float64(agentTurns)*(q+20)
+		return agentPrefixTokens + 0.5*float64(agentTurns)*(q+meanOutput)
 	case ShapePrefix:
 		return prefixSystemTokens + q
 	}

@@ -28,6 +28,9 @@ type cell struct {
 	warmup     bool
 	scrape     bool   // the transport may scrape the engines' /metrics
 	shape      string // what prompts share (llmsim.Shape*); min/maxPrompt size each new message
+	// compare names policies (see matrixPolicies) this cell always runs
+	// besides the matrix's own
+	compare []string
 }
 
 // baseCell is the cell the others vary one factor at a time.
@@ -126,12 +129,13 @@ func allCells() []cell {
 	// prefill of 120 µs a token (before the time scale), so that holding a
 	// prefix matters as it does on a large model.
 	affinityEngines := func(c *cell) {
+		c.compare = []string{"header", "ai_predictive_noaffinity"}
 		c.engines = withTiming(c.engines, 8*time.Millisecond, 500*time.Microsecond, 120*time.Microsecond)
 		for i := range c.engines {
 			c.engines[i].CacheBlocks = 1024
 		}
 	}
-	add("aff-chat", "engines with a 16k-token KV cache and a 120 µs/token prefill; multi-turn chat: 96 conversations of up to 8 turns, each sending its whole history (new messages 50–300 tokens)", func(c *cell) {
+	add("aff-chat", "engines with a 16k-token KV cache and a 120 µs/token prefill; multi-turn chat: 32 conversations of up to 16 turns, each sending its whole history (new messages 50–300 tokens, answers as long as their output)", func(c *cell) {
 		c.shape, c.minPrompt, c.maxPrompt = llmsim.ShapeChat, 50, 300
 		affinityEngines(c)
 	})
@@ -210,8 +214,8 @@ func (c cell) capacities(cfgs []llmsim.Config, warmup, measured time.Duration) [
 	if !c.warmup {
 		warmup = 0
 	}
-	mp := llmsim.MeanShapedPrompt(c.shape, c.minPrompt, c.maxPrompt)
 	mo := logUniformMean(c.minOutput, c.maxOutput)
+	mp := llmsim.MeanShapedPrompt(c.shape, c.minPrompt, c.maxPrompt, mo)
 	out := make([]float64, len(cfgs))
 	for i, e := range cfgs {
 		full := e.Capacity(mp, mo)

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -69,6 +70,8 @@ func matrixPolicies(extra string) ([]matrixPolicy, error) {
 		{name: "least_tokens", selection: map[string]any{"policy": "least_tokens"}, ours: true},
 		{name: "round_robin", selection: map[string]any{"policy": "round_robin"}},
 		{name: "random", selection: map[string]any{"policy": "random"}},
+		// Caddy's sticky policy on the session the shaped workloads name
+		{name: "header", selection: map[string]any{"policy": "header", "field": llmsim.SessionHeader}},
 	}
 	out := known[:2:2]
 	for _, n := range strings.Split(extra, ",") {
@@ -179,11 +182,32 @@ func runOnce(o matrixOptions, c cell, p matrixPolicy, seed uint64) (runResult, e
 		for i, a := range pool.Addrs() {
 			if b, ok := aibalance.LookupBackend(a); ok {
 				st := b.Stats()
-				fmt.Fprintf(os.Stderr, "  engine %d (%s): batch seen %d, capacity %d, changes %d, mape %.2f, samples %d\n",
-					i, a, st.MaxRunning, st.BatchCapacity, st.Model.Changes, st.Model.MAPE, st.Model.Samples)
+				fmt.Fprintf(os.Stderr, "  engine %d (%s): batch seen %d, capacity %d, changes %d, mape %.2f, samples %d, prefix trust %.2f, index %d blocks\n",
+					i, a, st.MaxRunning, st.BatchCapacity, st.Model.Changes, st.Model.MAPE, st.Model.Samples, b.PrefixTrust(), b.PrefixBlocks())
 				fmt.Fprintf(os.Stderr, "    %+v\n", st.Model)
 			}
 		}
+	}
+	if detail && c.shape != "" {
+		// how often a session's request went where its previous one did
+		sorted := slices.Clone(recs)
+		slices.SortFunc(sorted, func(a, b llmsim.Record) int { return a.Started.Compare(b.Started) })
+		last := map[string]string{}
+		stay, moves := 0, 0
+		for _, r := range sorted {
+			if r.Session == "" || r.Backend == "" {
+				continue
+			}
+			if prev, ok := last[r.Session]; ok {
+				if prev == r.Backend {
+					stay++
+				} else {
+					moves++
+				}
+			}
+			last[r.Session] = r.Backend
+		}
+		fmt.Fprintf(os.Stderr, "  %s: session requests on the previous one's engine %d, moved %d\n", p.name, stay, moves)
 	}
 	ok := s.Requests - s.Errors
 	res.ttftP50, res.ttftP99, res.e2eP50, res.e2eP99 = s.TTFT.P50, s.TTFT.P99, s.E2E.P50, s.E2E.P99
@@ -232,13 +256,32 @@ type cellResult struct {
 	order []string
 }
 
+// cellPolicies is the matrix's policies plus those cell c compares
+// itself with.
+func (o matrixOptions) cellPolicies(c cell) []matrixPolicy {
+	out := o.policies
+	if len(c.compare) == 0 {
+		return out
+	}
+	known, _ := matrixPolicies(strings.Join(c.compare, ","))
+	for _, p := range known[2:] {
+		if !slices.ContainsFunc(out, func(q matrixPolicy) bool { return q.name == p.name }) {
+			out = append(out[:len(out):len(out)], p)
+		}
+	}
+	return out
+}
+
 // runMatrix runs every cell, seed and policy, writing each cell's table
 // as it completes, then the summary and the total wall time.
 func runMatrix(o matrixOptions, out io.Writer) error {
 	start := time.Now()
-	n := len(o.cells) * o.seeds * len(o.policies)
+	n := 0
+	for _, c := range o.cells {
+		n += o.seeds * len(o.cellPolicies(c))
+	}
 	fmt.Fprintf(out, "# Routing matrix (%s), %s\n\n", o.preset, time.Now().UTC().Format("2006-01-02"))
-	fmt.Fprintf(out, "%d cells × %d seeds × %d policies = %d runs; each run: a fresh simulated pool and a freshly loaded Caddy, %v warm-up (cells with warm-up) + %v measured, engine speeds ×%g; %d CPUs, %s.",
+	fmt.Fprintf(out, "%d cells × %d seeds × %d policies (the aff- cells add their comparisons) = %d runs; each run: a fresh simulated pool and a freshly loaded Caddy, %v warm-up (cells with warm-up) + %v measured, engine speeds ×%g; %d CPUs, %s.",
 		len(o.cells), o.seeds, len(o.policies), n, o.warmup, o.measured, o.timeScale, runtime.NumCPU(), runtime.Version())
 	fmt.Fprint(out, "\n\n")
 	var results []cellResult
@@ -246,8 +289,9 @@ func runMatrix(o matrixOptions, out io.Writer) error {
 	for _, c := range o.cells {
 		cr := cellResult{cell: c, runs: map[string][]runResult{}}
 		cr.caps = c.capacities(c.configs(o.timeScale, o.warmup, o.measured), o.warmup, o.measured)
+		policies := o.cellPolicies(c)
 		for seed := 1; seed <= o.seeds; seed++ {
-			for _, p := range o.policies {
+			for _, p := range policies {
 				r, err := runOnce(o, c, p, uint64(seed))
 				if err != nil {
 					return fmt.Errorf("cell %s, seed %d, %s: %w", c.name, seed, p.name, err)
@@ -260,7 +304,7 @@ func runMatrix(o matrixOptions, out io.Writer) error {
 				cr.runs[p.name] = append(cr.runs[p.name], r)
 			}
 		}
-		for _, p := range o.policies {
+		for _, p := range policies {
 			cr.order = append(cr.order, p.name)
 		}
 		printCell(out, o, cr)
