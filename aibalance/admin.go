@@ -3,6 +3,7 @@ package aibalance
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"net/http"
 	"net/url"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 )
 
 func init() {
@@ -19,8 +21,10 @@ func init() {
 // adminAPI serves the balancer's view of its upstreams on Caddy's admin
 // endpoint, so Caddy's admin access controls apply:
 //
-//	GET /aibalance/upstreams            every upstream and pool
-//	GET /aibalance/upstreams/{address}  one upstream
+//	GET   /aibalance/upstreams            every upstream and pool
+//	GET   /aibalance/upstreams/{address}  one upstream
+//	PATCH /aibalance/upstreams/{address}  {"weight": 3}, {"drain": true}
+//	                                      (see Override)
 //
 // It reads the process-wide store; it holds no state of its own (Caddy
 // rebuilds admin modules on every config load).
@@ -67,10 +71,16 @@ type UpstreamView struct {
 	// its peers at the same load); slow_start (back or new: its share of
 	// its weight ramps up until Until). Reason says why; Since, when the
 	// state began where known.
+	// draining and drained: the operator drains it (admin API); no new
+	// request goes there, and it is drained once none is in flight.
 	State  string    `json:"state"`
 	Reason string    `json:"reason,omitempty"`
 	Since  time.Time `json:"since,omitzero"`
 	Until  time.Time `json:"until,omitzero"`
+	// Weight is its weight in its pool now; WeightSource says where it
+	// comes from: admin (PATCH, kept across reloads) or config.
+	Weight       float64 `json:"weight"`
+	WeightSource string  `json:"weight_source"`
 	// Breaker is the circuit breaker's own state: closed, open or
 	// half_open (absent before the first attempt).
 	Breaker string `json:"breaker,omitempty"`
@@ -155,6 +165,13 @@ func View(now time.Time) UpstreamsView {
 			prior = new(Prior)
 		}
 		u := b.view(now, prior, p.Health())
+		u.Weight, u.WeightSource = 1, "config"
+		if p != nil {
+			u.Weight = p.Weight(b.addr)
+		}
+		if _, ok := AdminWeight(b.addr); ok {
+			u.WeightSource = "admin"
+		}
 		if p != nil && poolRate[p] > 0 {
 			u.RecentShare = u.RecentRate / poolRate[p]
 		}
@@ -183,7 +200,14 @@ func (b *Backend) view(now time.Time, prior *Prior, hc *HealthConfig) UpstreamVi
 	}
 	ramping, rampFrom := b.Ramping(now, time.Duration(hc.SlowStart))
 	ejected, ejectWhy, ejectUntil := b.Ejected(now)
+	o, _ := OverrideOf(b.addr)
 	switch {
+	case o.Drain && s.Inflight > 0:
+		u.State, u.Since = "draining", o.DrainSince
+		u.Reason = fmt.Sprintf("drained through the admin API: no new requests, %.0f in flight", s.Inflight)
+	case o.Drain:
+		u.State, u.Since = "drained", o.DrainSince
+		u.Reason = "drained through the admin API: no new requests, none in flight"
 	case b.CoolingDown(now):
 		u.State, u.Since, u.Until = "cooldown", b.CooldownSince(), b.Cooldown()
 		u.Reason = fmt.Sprintf("answered 429/503: out for %s (its Retry-After, capped by max_cooldown, or the configured cooldown)", u.Until.Sub(u.Since).Round(time.Millisecond))
@@ -238,12 +262,37 @@ func (adminAPI) handleList(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (adminAPI) handleOne(w http.ResponseWriter, r *http.Request) error {
-	if r.Method != http.MethodGet {
-		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET", r.Method)}
+	if r.Method != http.MethodGet && r.Method != http.MethodPatch {
+		w.Header().Set("Allow", "GET, PATCH")
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET or PATCH", r.Method)}
 	}
 	addr, err := url.PathUnescape(strings.TrimPrefix(r.URL.Path, "/aibalance/upstreams/"))
 	if err != nil || addr == "" || strings.Contains(addr, "/") {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("want /aibalance/upstreams/<host:port>, got %q", r.URL.Path)}
+	}
+	if _, ok := LookupBackend(addr); !ok {
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no upstream %q in any loaded config", addr)}
+	}
+	if r.Method == http.MethodPatch {
+		p, err := readPatch(r)
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+		}
+		now := time.Now()
+		SetOverride(addr, func(o *Override) {
+			if p.Weight != nil {
+				o.Weight = *p.Weight
+			}
+			if p.Drain != nil && *p.Drain != o.Drain {
+				o.Drain, o.DrainSince = *p.Drain, now
+				if !o.Drain {
+					o.DrainSince = time.Time{}
+				}
+			}
+		})
+		if c := caddy.Log().Named("aibalance.admin").Check(zap.InfoLevel, "upstream changed"); c != nil {
+			c.Write(zap.String("upstream", addr), zap.Any("weight", p.Weight), zap.Any("drain", p.Drain))
+		}
 	}
 	for _, u := range View(time.Now()).Upstreams {
 		if u.Address == addr {
@@ -251,6 +300,42 @@ func (adminAPI) handleOne(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no upstream %q in any loaded config", addr)}
+}
+
+// upstreamPatch is the body of PATCH /aibalance/upstreams/{address}: the
+// fields given change, the others stay. "weight": a number from 0.01 to
+// 1000, or 0 to go back to the config's; "drain": true or false.
+type upstreamPatch struct {
+	Weight *float64 `json:"weight"`
+	Drain  *bool    `json:"drain"`
+}
+
+// maxPatchBody bounds a PATCH body.
+const maxPatchBody = 64 << 10
+
+func readPatch(r *http.Request) (upstreamPatch, error) {
+	var p upstreamPatch
+	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
+		return p, fmt.Errorf("want a JSON body (Content-Type: application/json), got %q", ct)
+	}
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxPatchBody+1))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&p); err != nil {
+		if err == io.EOF {
+			return p, fmt.Errorf(`empty body: want a JSON object such as {"weight": 3} or {"drain": true}`)
+		}
+		return p, fmt.Errorf(`bad JSON body: %v (want an object such as {"weight": 3} or {"drain": true})`, err)
+	}
+	if dec.More() {
+		return p, fmt.Errorf("bad JSON body: more than one value")
+	}
+	if p.Weight == nil && p.Drain == nil {
+		return p, fmt.Errorf(`nothing to change: give "weight" and/or "drain"`)
+	}
+	if w := p.Weight; w != nil && (math.IsNaN(*w) || *w < 0 || *w > 1000 || (*w > 0 && *w < 0.01)) {
+		return p, fmt.Errorf(`"weight" must be from 0.01 to 1000 (0: back to the config's weight), got %v`, *w)
+	}
+	return p, nil
 }
 
 func writeJSON(w http.ResponseWriter, v any) error {

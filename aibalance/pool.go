@@ -92,8 +92,12 @@ func (p *Pool) SetWeights(w map[string]float64) {
 	p.weights.Store(&w)
 }
 
-// Weight is the weight of the upstream at addr: 1 unless set.
+// Weight is the weight of the upstream at addr: the operator's (see
+// SetOverride), else the config's, else 1.
 func (p *Pool) Weight(addr string) float64 {
+	if w, ok := AdminWeight(addr); ok {
+		return w
+	}
 	if m := p.weights.Load(); m != nil {
 		if w, ok := (*m)[addr]; ok {
 			return w

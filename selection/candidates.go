@@ -30,9 +30,9 @@ import (
 //     backend by score gets the request rather than nobody;
 //  2. a backend this request already tried.
 //
-// Two rules hold at every level: a backend cooling down gets nothing (it
-// asked for a pause), and a backend known not to serve the model gets
-// nothing. When nothing is left the policy answers itself (see reject).
+// Three rules hold at every level: a backend cooling down gets nothing (it
+// asked for a pause), a backend the operator drains gets nothing, and a
+// backend known not to serve the model gets nothing. When nothing is left the policy answers itself (see reject).
 type candidates struct {
 	pool      *aibalance.Pool // weights by address, members, health; nil: positional weights
 	weights   []int           // positional weights, when pool is nil
@@ -71,7 +71,7 @@ func (c *candidates) skipped(addr string) bool {
 }
 
 func (c *candidates) ok(level int, u *reverseproxy.Upstream) bool {
-	if !u.Available() || c.weight(u) <= 0 || (level == 0 && c.skipped(u.Dial)) {
+	if !u.Available() || c.weight(u) <= 0 || (level == 0 && c.skipped(u.Dial)) || aibalance.Draining(u.Dial) {
 		return false
 	}
 	if level < 2 && c.tried.Len() > 0 && c.tried.Has(u.Dial) {

@@ -623,8 +623,12 @@ func warnWithoutTransport(ctx caddy.Context, policy string) (warned bool) {
 }
 
 // positionalWeight is the weight of the upstream at addr in pool, from
-// weights given in upstream order; 1 when none is given.
+// weights given in upstream order; 1 when none is given. The operator's
+// weight (admin API) comes first.
 func positionalWeight(weights []int, pool reverseproxy.UpstreamPool, addr string) float64 {
+	if w, ok := aibalance.AdminWeight(addr); ok {
+		return w
+	}
 	for i, u := range pool {
 		if i >= len(weights) {
 			break
