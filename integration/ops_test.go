@@ -111,7 +111,6 @@ func TestAdminDrainAndWeight(t *testing.T) {
 	}
 	waitFor(t, func() bool { return upstreamView(t, drained).State == "drained" })
 
-
 	if got := shares(t, url, 12, 3); got[drained] != 0 {
 		t.Fatalf("after a reload the drained upstream got %d requests", got[drained])
 	}
