@@ -77,7 +77,7 @@ func (*App) CaddyModule() caddy.ModuleInfo {
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	a.setDefaults()
-	return nil
+	return registerMetrics(ctx.GetMetricsRegistry())
 }
 
 // NewApp returns an app with default settings, provisioned, for programs and

@@ -57,8 +57,12 @@ type Backend struct {
 	prefixCapacity atomic.Int64 // the engine's KV capacity in tokens, from its metrics; 0: unknown
 
 	ejectedUntil atomic.Int64 // unix ns: outlier ejection (see Eject)
-	ejectReason  atomic.Pointer[string]
-	ejectSamples atomic.Int64
+	// for the metrics: latency histograms of successful LLM requests,
+	// cooldowns begun and ejections
+	ttftHist, e2eHist    latencyHist
+	cooldowns, ejections atomic.Uint64
+	ejectReason          atomic.Pointer[string]
+	ejectSamples         atomic.Int64
 }
 
 // epoch is the origin of pendingSince: offsets from it, in microseconds,
@@ -145,6 +149,7 @@ func (b *Backend) CoolDown(from, until time.Time) {
 		if b.retryAfter.CompareAndSwap(cur, u) {
 			if cur <= from.UnixNano() { // a new cooldown, not a longer one
 				b.cooldownFrom.Store(from.UnixNano())
+				b.cooldowns.Add(1)
 			}
 			b.rampFrom.Store(u)
 			return
@@ -391,6 +396,10 @@ func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 		return
 	}
 	ewmaAtomic(&b.e2eEWMA, o.E2E.Seconds())
+	b.e2eHist.observe(o.E2E)
+	if o.Stream && o.TTFT > 0 {
+		b.ttftHist.observe(o.TTFT)
+	}
 	if (o.Stream && o.TTFT <= 0) || o.OutputTokens < 0 {
 		return
 	}

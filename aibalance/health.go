@@ -321,6 +321,7 @@ type Reject struct {
 func (b *Backend) Eject(until time.Time, reason string, samples int64) {
 	b.ejectReason.Store(&reason)
 	b.ejectSamples.Store(samples)
+	b.ejections.Add(1)
 	b.ejectedUntil.Store(until.UnixNano())
 	b.rampFrom.Store(until.UnixNano())
 }

@@ -11,6 +11,9 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/caddytest"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 
 	"github.com/aibalance/caddy-aibalance/aibalance"
 	"github.com/aibalance/caddy-aibalance/llmsim"
@@ -162,5 +165,116 @@ func TestAdminDrainAndWeight(t *testing.T) {
 	}
 	if v := upstreamView(t, heavy); v.State != "active" || v.WeightSource != "config" {
 		t.Fatalf("bad calls changed the upstream: %+v", v)
+	}
+}
+
+// scrapeMetrics parses the admin endpoint's /metrics.
+func scrapeMetrics(t *testing.T) map[string]*dto.MetricFamily {
+	t.Helper()
+	status, body := adminGet(t, http.MethodGet, "/metrics")
+	if status != 200 {
+		t.Fatalf("GET /metrics: %d %s", status, body)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(strings.NewReader(string(body)))
+	if err != nil {
+		t.Fatalf("parse /metrics: %v", err)
+	}
+	return fams
+}
+
+// sumOf adds a family's values (counters and gauges; histogram counts)
+// over the series whose labels include want.
+func sumOf(f *dto.MetricFamily, want map[string]string) float64 {
+	total := 0.0
+	if f == nil {
+		return 0
+	}
+series:
+	for _, m := range f.GetMetric() {
+		labels := map[string]string{}
+		for _, l := range m.GetLabel() {
+			labels[l.GetName()] = l.GetValue()
+		}
+		for k, v := range want {
+			if labels[k] != v {
+				continue series
+			}
+		}
+		switch {
+		case m.Counter != nil:
+			total += m.GetCounter().GetValue()
+		case m.Gauge != nil:
+			total += m.GetGauge().GetValue()
+		case m.Histogram != nil:
+			total += float64(m.GetHistogram().GetSampleCount())
+		}
+	}
+	return total
+}
+
+// TestMetrics: the plugin's metrics are in Caddy's registry at the admin
+// /metrics, named caddy_aibalance_*, counting what went through the proxy,
+// and a config reload neither breaks nor resets them.
+func TestMetrics(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	p := pool(t, llmsim.Config{}, llmsim.Config{Speed: 0.5})
+	url := aiProxy(t, tester, upstreams(p), "\t\tmetrics_interval 100ms") + "/v1/chat/completions"
+	waitFor(t, func() bool {
+		for _, a := range p.Addrs() {
+			if b, ok := aibalance.LookupBackend(a); !ok {
+				return false
+			} else if _, fresh := b.Engine(timeNow()); !fresh {
+				return false
+			}
+		}
+		return true
+	})
+	drive(t, url, 20, 4, 8)
+
+	fams := scrapeMetrics(t)
+	if testing.Verbose() {
+		_, raw := adminGet(t, http.MethodGet, "/metrics")
+		for _, l := range strings.Split(string(raw), "\n") {
+			if strings.HasPrefix(l, "caddy_aibalance_") && strings.Contains(l, p.Addrs()[0]) && !strings.Contains(l, "_bucket") {
+				t.Log(l)
+			}
+		}
+	}
+	for _, name := range []string{
+		"upstream_requests_total", "upstream_in_flight_requests", "upstream_responses_total", "upstream_errors_total",
+		"upstream_time_to_first_token_seconds", "upstream_request_duration_seconds", "upstream_prompt_tokens_total",
+		"upstream_output_tokens_total", "upstream_state", "upstream_cooldowns_total", "upstream_ejections_total",
+		"upstream_weight", "upstream_engine_waiting_requests", "upstream_engine_running_requests",
+		"upstream_engine_kv_cache_usage_ratio", "upstream_prediction_error_ratio", "upstream_predicted_ttft_seconds",
+		"upstream_predicted_duration_seconds", "upstream_prefix_cached_tokens_expected_total", "upstream_prefix_estimate_trust_ratio",
+	} {
+		if fams["caddy_aibalance_"+name] == nil {
+			t.Errorf("caddy_aibalance_%s missing", name)
+		}
+	}
+	var requests, ttfts, outputs float64
+	for _, a := range p.Addrs() {
+		up := map[string]string{"upstream": a}
+		requests += sumOf(fams["caddy_aibalance_upstream_requests_total"], up)
+		ttfts += sumOf(fams["caddy_aibalance_upstream_time_to_first_token_seconds"], up)
+		outputs += sumOf(fams["caddy_aibalance_upstream_output_tokens_total"], up)
+		if s := sumOf(fams["caddy_aibalance_upstream_state"], map[string]string{"upstream": a, "state": "active"}); s != 1 {
+			t.Errorf("%s: state active = %v", a, s)
+		}
+	}
+	// drive streams every request
+	if requests != 20 || ttfts != 20 || outputs != 20*8 {
+		t.Fatalf("metrics count %v requests (want 20), %v first tokens (want 20), %v output tokens (want 160)", requests, ttfts, outputs)
+	}
+
+	aiProxy(t, tester, upstreams(p), "\t\tmetrics_interval 100ms")
+	again := scrapeMetrics(t)
+	after := 0.0
+	for _, a := range p.Addrs() {
+		after += sumOf(again["caddy_aibalance_upstream_requests_total"], map[string]string{"upstream": a})
+	}
+	if after != requests {
+		t.Fatalf("after a reload: %v requests counted, before %v", after, requests)
 	}
 }
