@@ -315,9 +315,8 @@ const maxPatchBody = 64 << 10
 
 func readPatch(r *http.Request) (upstreamPatch, error) {
 	var p upstreamPatch
-	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
-		return p, fmt.Errorf("want a JSON body (Content-Type: application/json), got %q", ct)
-	}
+	// the body is read as JSON whatever its Content-Type says (curl -d
+	// sends application/x-www-form-urlencoded)
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxPatchBody+1))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&p); err != nil {
