@@ -25,6 +25,10 @@ func init() {
 //	GET   /aibalance/upstreams/{address}  one upstream
 //	PATCH /aibalance/upstreams/{address}  {"weight": 3}, {"drain": true}
 //	                                      (see Override)
+//	GET    /aibalance/pools                          the dynamic pools
+//	GET    /aibalance/pools/{pool}                   one of them
+//	POST   /aibalance/pools/{pool}/members           {"address": "host:port"}
+//	DELETE /aibalance/pools/{pool}/members/{address} drain, then forget
 //
 // It reads the process-wide store; it holds no state of its own (Caddy
 // rebuilds admin modules on every config load).
@@ -43,6 +47,8 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: "/aibalance/upstreams", Handler: caddy.AdminHandlerFunc(a.handleList)},
 		{Pattern: "/aibalance/upstreams/", Handler: caddy.AdminHandlerFunc(a.handleOne)},
+		{Pattern: "/aibalance/pools", Handler: caddy.AdminHandlerFunc(a.handlePools)},
+		{Pattern: "/aibalance/pools/", Handler: caddy.AdminHandlerFunc(a.handlePools)},
 	}
 }
 
@@ -342,6 +348,123 @@ func writeJSON(w http.ResponseWriter, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// DynamicPoolView is a dynamic pool in GET /aibalance/pools: its members,
+// each with its source (config or api) and its upstream state (see
+// UpstreamView; "removing" members are draining or drained).
+type DynamicPoolView struct {
+	Pool    string              `json:"pool"`
+	Members []DynamicMemberView `json:"members"`
+}
+
+// DynamicMemberView is one member of a dynamic pool.
+type DynamicMemberView struct {
+	Member
+	State    string  `json:"state"`
+	Reason   string  `json:"reason,omitempty"`
+	Inflight float64 `json:"inflight"`
+}
+
+func dynamicPoolView(p *DynamicPool, now time.Time) DynamicPoolView {
+	v := DynamicPoolView{Pool: p.Name(), Members: []DynamicMemberView{}}
+	view := map[string]UpstreamView{}
+	for _, u := range View(now).Upstreams {
+		view[u.Address] = u
+	}
+	for _, m := range p.Members() {
+		u, ok := view[m.Address]
+		mv := DynamicMemberView{Member: m, State: u.State, Reason: u.Reason, Inflight: u.Load.Inflight}
+		if !ok {
+			mv.State = "active"
+		}
+		v.Members = append(v.Members, mv)
+	}
+	return v
+}
+
+// memberRequest is the body of POST /aibalance/pools/{pool}/members.
+type memberRequest struct {
+	Address string   `json:"address"`
+	Weight  *float64 `json:"weight"`
+}
+
+func (adminAPI) handlePools(w http.ResponseWriter, r *http.Request) error {
+	now := time.Now()
+	rest := strings.Trim(strings.TrimPrefix(r.URL.Path, "/aibalance/pools"), "/")
+	parts := strings.Split(rest, "/")
+	if rest == "" {
+		if r.Method != http.MethodGet {
+			w.Header().Set("Allow", "GET")
+			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET", r.Method)}
+		}
+		out := []DynamicPoolView{}
+		for _, p := range AllDynamicPools() {
+			out = append(out, dynamicPoolView(p, now))
+		}
+		return writeJSON(w, out)
+	}
+	name, err := url.PathUnescape(parts[0])
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("bad pool name in %q", r.URL.Path)}
+	}
+	p, ok := LookupDynamicPool(name)
+	if !ok {
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no dynamic pool %q: declare it with `dynamic aibalance %s` in a reverse_proxy or ai_proxy", name, name)}
+	}
+	switch {
+	case len(parts) == 1:
+		if r.Method != http.MethodGet {
+			w.Header().Set("Allow", "GET")
+			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET", r.Method)}
+		}
+		return writeJSON(w, dynamicPoolView(p, now))
+	case len(parts) == 2 && parts[1] == "members":
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", "POST")
+			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use POST with {\"address\": \"host:port\"}", r.Method)}
+		}
+		var req memberRequest
+		dec := json.NewDecoder(io.LimitReader(r.Body, maxPatchBody))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf(`bad JSON body: %v (want {"address": "host:port"}, optionally "weight")`, err)}
+		}
+		if err := CheckAddress(req.Address); err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+		}
+		if wt := req.Weight; wt != nil && (math.IsNaN(*wt) || *wt < 0.01 || *wt > 1000) {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf(`"weight" must be from 0.01 to 1000, got %v`, *wt)}
+		}
+		if req.Weight != nil {
+			SetOverride(req.Address, func(o *Override) { o.Weight = *req.Weight })
+		}
+		_, created := p.Add(req.Address, now)
+		if c := caddy.Log().Named("aibalance.admin").Check(zap.InfoLevel, "pool member added"); c != nil {
+			c.Write(zap.String("pool", name), zap.String("upstream", req.Address), zap.Bool("new", created))
+		}
+		if created {
+			w.WriteHeader(http.StatusCreated)
+		}
+		return writeJSON(w, dynamicPoolView(p, now))
+	case len(parts) == 3 && parts[1] == "members":
+		if r.Method != http.MethodDelete {
+			w.Header().Set("Allow", "DELETE")
+			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use DELETE", r.Method)}
+		}
+		addr, err := url.PathUnescape(parts[2])
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("bad address in %q", r.URL.Path)}
+		}
+		if _, ok := p.Remove(addr, now); !ok {
+			return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("%q is not a member of pool %q", addr, name)}
+		}
+		if c := caddy.Log().Named("aibalance.admin").Check(zap.InfoLevel, "pool member removed"); c != nil {
+			c.Write(zap.String("pool", name), zap.String("upstream", addr))
+		}
+		return writeJSON(w, dynamicPoolView(p, now))
+	}
+	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no route %s: want /aibalance/pools[/{pool}[/members[/{address}]]]", r.URL.Path)}
 }
 
 // Interface guards

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/caddytest"
 	dto "github.com/prometheus/client_model/go"
@@ -276,5 +277,143 @@ func TestMetrics(t *testing.T) {
 	}
 	if after != requests {
 		t.Fatalf("after a reload: %v requests counted, before %v", after, requests)
+	}
+}
+
+// poolView fetches GET /aibalance/pools/{name}.
+func poolView(t *testing.T, name string) aibalance.DynamicPoolView {
+	t.Helper()
+	status, body := adminGet(t, http.MethodGet, "/aibalance/pools/"+name)
+	var v aibalance.DynamicPoolView
+	if status != 200 || json.Unmarshal(body, &v) != nil {
+		t.Fatalf("GET pool %s: %d %s", name, status, body)
+	}
+	return v
+}
+
+func memberOf(v aibalance.DynamicPoolView, addr string) (aibalance.DynamicMemberView, bool) {
+	for _, m := range v.Members {
+		if m.Address == addr {
+			return m, true
+		}
+	}
+	return aibalance.DynamicMemberView{}, false
+}
+
+// TestDynamicPool: `dynamic aibalance <pool>` serves a pool the admin API
+// changes without a reload: a member added by POST enters by slow start
+// and takes traffic, a reload keeps it with its learned state, DELETE
+// drains it (the request in flight finishes, no new one goes there) and
+// then forgets it; bad calls get 400/404/405.
+func TestDynamicPool(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	p := pool(t, llmsim.Config{}, llmsim.Config{}, llmsim.Config{})
+	a := p.Addrs()
+	t.Cleanup(func() {
+		for _, x := range a {
+			aibalance.SetOverride(x, func(o *aibalance.Override) { *o = aibalance.Override{} })
+		}
+	})
+	const name = "gpus-test"
+	block := "\t\tdynamic aibalance " + name + " " + a[0] + "\n\t\tslow_start 3s\n\t\t" + upstreamHeader
+	url := aiProxy(t, tester, "", block) + "/v1/chat/completions"
+	if got := shares(t, url, 8, 2); got[a[0]] != 8 {
+		t.Fatalf("one member: %v", got)
+	}
+
+	status, body := adminSend(t, http.MethodPost, "/aibalance/pools/"+name+"/members", `{"address": "`+a[1]+`"}`)
+	if status != http.StatusCreated {
+		t.Fatalf("POST member: %d %s", status, body)
+	}
+	if status, body := adminSend(t, http.MethodPost, "/aibalance/pools/"+name+"/members", `{"address": "`+a[2]+`", "weight": 2}`); status != http.StatusCreated {
+		t.Fatalf("POST member with a weight: %d %s", status, body)
+	}
+	first := shares(t, url, 12, 3)
+	ramping := 0
+	for _, x := range a[1:] {
+		if v := upstreamView(t, x); v.State == "slow_start" {
+			ramping++
+		}
+	}
+	if ramping == 0 {
+		t.Fatalf("no added member is in slow start after the first requests %v", first)
+	}
+	time.Sleep(3100 * time.Millisecond) // the ramp ends
+	got := shares(t, url, 60, 6)
+	t.Logf("after adding two members: first 12 requests %v, 60 after the ramp %v", first, got)
+	if got[a[1]] == 0 || got[a[2]] == 0 {
+		t.Fatalf("added members got no traffic: %v", got)
+	}
+	v := poolView(t, name)
+	if m, ok := memberOf(v, a[1]); !ok || m.Source != "api" || len(v.Members) != 3 {
+		t.Fatalf("pool view: %+v", v)
+	}
+	if m, _ := memberOf(v, a[0]); m.Source != "config" {
+		t.Fatalf("config member: %+v", m)
+	}
+	status, body = adminGet(t, http.MethodGet, "/aibalance/pools")
+	if status != 200 || !strings.Contains(string(body), `"pool": "`+name+`"`) {
+		t.Fatalf("GET /aibalance/pools: %d %s", status, body)
+	}
+
+	// a reload keeps the members added through the API and what they learned
+	served := upstreamView(t, a[1]).Counters.Requests
+	url = aiProxy(t, tester, "", block) + "/v1/chat/completions"
+	if v := poolView(t, name); len(v.Members) != 3 {
+		t.Fatalf("after a reload: %+v", v)
+	}
+	if n := upstreamView(t, a[1]).Counters.Requests; n < served {
+		t.Fatalf("after a reload %s counts %d requests, %d before", a[1], n, served)
+	}
+
+	// DELETE drains first: a long stream on the member finishes
+	aibalance.SetOverride(a[0], func(o *aibalance.Override) { o.Drain = true })
+	aibalance.SetOverride(a[2], func(o *aibalance.Override) { o.Drain = true })
+	done := make(chan llmsim.Result, 1)
+	go func() {
+		res, _ := llmsim.Complete(context.Background(), http.DefaultClient, url, llmsim.ChatBody("", "a long one", 300, true))
+		done <- res
+	}()
+	waitFor(t, func() bool { return upstreamView(t, a[1]).Load.Inflight > 0 })
+	aibalance.SetOverride(a[0], func(o *aibalance.Override) { o.Drain = false })
+	aibalance.SetOverride(a[2], func(o *aibalance.Override) { o.Drain = false })
+	status, body = adminSend(t, http.MethodDelete, "/aibalance/pools/"+name+"/members/"+a[1], "")
+	if status != 200 {
+		t.Fatalf("DELETE member: %d %s", status, body)
+	}
+	if m, ok := memberOf(poolView(t, name), a[1]); !ok || !m.Removing || m.State != "draining" {
+		t.Fatalf("a member removed with a request in flight: %+v", m)
+	}
+	if got := shares(t, url, 20, 4); got[a[1]] != 0 {
+		t.Fatalf("a member being removed got %d new requests", got[a[1]])
+	}
+	if res := <-done; res.Status != 200 || res.Tokens != 300 {
+		t.Fatalf("the request in flight on the removed member: %d after %d tokens", res.Status, res.Tokens)
+	}
+	waitFor(t, func() bool { _, ok := memberOf(poolView(t, name), a[1]); return !ok })
+
+	for _, tc := range []struct {
+		method, path, body string
+		status             int
+		text               string
+	}{
+		{"POST", "/aibalance/pools/" + name + "/members", `{"address": "no-port"}`, 400, "want host:port"},
+		{"POST", "/aibalance/pools/" + name + "/members", `{"address": "127.0.0.1:99999"}`, 400, "port must be a number"},
+		{"POST", "/aibalance/pools/" + name + "/members", `{"adress": "127.0.0.1:1"}`, 400, `unknown field \"adress\"`},
+		{"POST", "/aibalance/pools/" + name + "/members", `{"address": "127.0.0.1:1", "weight": 0}`, 400, `\"weight\" must be`},
+		{"POST", "/aibalance/pools/" + name + "/members", `[`, 400, "bad JSON body"},
+		{"POST", "/aibalance/pools/nope/members", `{"address": "127.0.0.1:1"}`, 404, "no dynamic pool"},
+		{"DELETE", "/aibalance/pools/" + name + "/members/127.0.0.1:1", ``, 404, "not a member"},
+		{"GET", "/aibalance/pools/" + name + "/members", ``, 405, "use POST"},
+		{"POST", "/aibalance/pools", `{}`, 405, "use GET"},
+		{"PUT", "/aibalance/pools/" + name + "/members/" + a[0], ``, 405, "use DELETE"},
+	} {
+		status, body := adminSend(t, tc.method, tc.path, tc.body)
+		if status != tc.status || !strings.Contains(string(body), tc.text) || !strings.HasPrefix(string(body), "{") {
+			t.Errorf("%s %s %s: %d %s; want %d and %q in a JSON error", tc.method, tc.path, tc.body, status, body, tc.status, tc.text)
+		}
+	}
+	if v := poolView(t, name); len(v.Members) != 2 {
+		t.Fatalf("bad calls changed the pool: %+v", v)
 	}
 }
