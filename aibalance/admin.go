@@ -60,11 +60,14 @@ type UpstreamsView struct {
 
 // PoolView describes one pool: its members and its cold-start prior.
 type PoolView struct {
-	Key         string   `json:"key"`
-	Members     []string `json:"members"`
-	PriorTTFT   float64  `json:"prior_ttft_s"`
-	PriorTPOT   float64  `json:"prior_tpot_s"`
-	RecentTotal float64  `json:"recent_requests_per_s"`
+	Key     string   `json:"key"`
+	Members []string `json:"members"`
+	// Tiers is the standby state when the pool has tiers: the highest
+	// tier open, the utilisation of the open tiers, and why.
+	Tiers       *TierStatus `json:"tiers,omitempty"`
+	PriorTTFT   float64     `json:"prior_ttft_s"`
+	PriorTPOT   float64     `json:"prior_tpot_s"`
+	RecentTotal float64     `json:"recent_requests_per_s"`
 }
 
 // UpstreamView is the balancer's view of one upstream.
@@ -79,6 +82,7 @@ type UpstreamView struct {
 	// state began where known.
 	// draining and drained: the operator drains it (admin API); no new
 	// request goes there, and it is drained once none is in flight.
+	// standby: its tier is closed (see aibalance.Topology).
 	State  string    `json:"state"`
 	Reason string    `json:"reason,omitempty"`
 	Since  time.Time `json:"since,omitzero"`
@@ -87,6 +91,9 @@ type UpstreamView struct {
 	// comes from: admin (PATCH, kept across reloads) or config.
 	Weight       float64 `json:"weight"`
 	WeightSource string  `json:"weight_source"`
+	// Tier is its priority tier (0: primary); Zone its zone label.
+	Tier int    `json:"tier"`
+	Zone string `json:"zone,omitempty"`
 	// Breaker is the circuit breaker's own state: closed, open or
 	// half_open (absent before the first attempt).
 	Breaker string `json:"breaker,omitempty"`
@@ -148,6 +155,10 @@ func View(now time.Time) UpstreamsView {
 	for _, p := range AllPools() {
 		pv := PoolView{Key: p.key, Members: p.Members()}
 		pv.PriorTTFT, pv.PriorTPOT = p.prior.values()
+		if p.HasTiers() {
+			ts := p.Tiers()
+			pv.Tiers = &ts
+		}
 		for _, m := range pv.Members {
 			if _, ok := poolOf[m]; !ok {
 				poolOf[m] = p
@@ -174,6 +185,11 @@ func View(now time.Time) UpstreamsView {
 		u.Weight, u.WeightSource = 1, "config"
 		if p != nil {
 			u.Weight = p.Weight(b.addr)
+			u.Tier, u.Zone = p.Tier(b.addr), p.Zone(b.addr)
+			if ts := p.Tiers(); u.State == "active" && p.HasTiers() && u.Tier > ts.Open {
+				u.State = "standby"
+				u.Reason = fmt.Sprintf("tier %d: takes requests while tiers 0–%d are at %.0f%% utilisation or more (now %.0f%%), or out", u.Tier, u.Tier-1, 100*p.Topology().StandbyThreshold, 100*ts.Utilisation)
+			}
 		}
 		if _, ok := AdminWeight(b.addr); ok {
 			u.WeightSource = "admin"

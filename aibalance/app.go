@@ -60,6 +60,11 @@ type App struct {
 	// Default: 16384 (262144 tokens at 16 tokens a block, 1.3 MiB).
 	PrefixIndexBlocks int `json:"prefix_index_blocks,omitempty"`
 
+	// Zone is this Caddy instance's zone or region: backends labelled with
+	// another zone (transport topology) are preferred less (see
+	// Topology.ZoneMargin). Empty: zones are only labels.
+	Zone string `json:"zone,omitempty"`
+
 	features FeatureConfig
 	lambda   float64
 	logger   *zap.Logger

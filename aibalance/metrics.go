@@ -50,7 +50,7 @@ func (h *latencyHist) snapshot() (map[float64]uint64, uint64, float64) {
 }
 
 // upstreamStates are the values of the state label (see UpstreamView).
-var upstreamStates = []string{"active", "draining", "drained", "cooldown", "open", "half_open", "ejected", "slow_start"}
+var upstreamStates = []string{"active", "standby", "draining", "drained", "cooldown", "open", "half_open", "ejected", "slow_start"}
 
 func desc(name, help string, labels ...string) *prometheus.Desc {
 	return prometheus.NewDesc("caddy_aibalance_"+name, help, append([]string{"upstream"}, labels...), nil)

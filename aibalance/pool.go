@@ -28,6 +28,10 @@ type Pool struct {
 	// affinity: the pool's policy weighs the prefix each backend holds
 	// (see Backend.CachedTokens), so its transport records what it sends
 	affinity atomic.Bool
+	// tiers and zones (see topology.go)
+	topology atomic.Pointer[Topology]
+	tiers    tierState
+	openTier atomic.Int32
 }
 
 // SetAffinity turns prefix affinity on or off for the pool.

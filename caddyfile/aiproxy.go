@@ -185,6 +185,15 @@ func applyEngine(tok caddyfile.Token, rp *reverseproxy.Handler, eng *selection.T
 	if eng.Health != nil {
 		t.Health = eng.Health
 	}
+	if eng.Topology != nil && t.Topology != nil {
+		return errAt(tok, "ai_proxy: give tier, zone, standby_threshold, standby_hysteresis and zone_margin either in the block or in transport aibalance, not both")
+	}
+	if eng.Topology != nil {
+		t.Topology = eng.Topology
+	}
+	if err := t.Topology.Validate(); err != nil {
+		return errAt(tok, "ai_proxy: %v", err)
+	}
 	if eng.Engine != "" {
 		t.Engine = eng.Engine
 	}

@@ -25,6 +25,7 @@ func init() {
 //	        prefix_block_chars    <n>
 //	        model_memory          <n>
 //	        prefix_index_blocks   <n>
+//	        zone                  <name>   # this instance's zone (see tiers and zones)
 //	    }
 //	}
 func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
@@ -44,7 +45,7 @@ func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 		}
 		seen[key] = true
 		switch key {
-		case "peek_bytes", "default_output_tokens", "chars_per_token", "prefix_block_chars", "model_memory", "prefix_index_blocks":
+		case "peek_bytes", "default_output_tokens", "chars_per_token", "prefix_block_chars", "model_memory", "prefix_index_blocks", "zone":
 		default:
 			return nil, d.Errf("unrecognized aibalance global option %q", key)
 		}
@@ -56,6 +57,11 @@ func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 			return nil, d.ArgErr()
 		}
 		switch key {
+		case "zone":
+			if len(val) > 64 {
+				return nil, d.Errf("zone: at most 64 characters, got %d", len(val))
+			}
+			app.Zone = val
 		case "peek_bytes":
 			n, err := humanize.ParseBytes(val)
 			if err != nil || n == 0 || n > aibalance.MaxPeekBytes {

@@ -417,3 +417,80 @@ func TestDynamicPool(t *testing.T) {
 		t.Fatalf("bad calls changed the pool: %+v", v)
 	}
 }
+
+// TestStandbyTier: a tier-1 backend gets nothing while the primary keeps
+// up, takes traffic once the primary saturates (its engine queues), and
+// stops after the hysteresis once the load is gone.
+func TestStandbyTier(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	p := pool(t, llmsim.Config{MaxRunning: 2}, llmsim.Config{})
+	primary, standby := p.Addrs()[0], p.Addrs()[1]
+	url := aiProxy(t, tester, upstreams(p), "\t\ttier 1 "+standby+"\n\t\tstandby_hysteresis 1s\n\t\tmetrics_interval 50ms\n\t\t"+upstreamHeader) + "/v1/chat/completions"
+	waitFor(t, func() bool {
+		b, ok := aibalance.LookupBackend(primary)
+		if !ok {
+			return false
+		}
+		_, fresh := b.Engine(timeNow())
+		return fresh
+	})
+	if got := shares(t, url, 10, 1); got[standby] != 0 {
+		t.Fatalf("one at a time, the standby got %d of 10", got[standby])
+	}
+	if v := upstreamView(t, standby); v.State != "standby" || v.Tier != 1 {
+		t.Fatalf("standby view: state %q tier %d (%s)", v.State, v.Tier, v.Reason)
+	}
+	var busy map[string]int
+	for _, r := range drive(t, url, 48, 8, 40) {
+		if busy == nil {
+			busy = map[string]int{}
+		}
+		busy[r.Backend]++
+	}
+	if busy[standby] == 0 || busy[primary] == 0 {
+		t.Fatalf("8 in flight on a 2-slot primary: %v", busy)
+	}
+	status, body := adminGet(t, http.MethodGet, "/aibalance/upstreams")
+	if status != 200 || !strings.Contains(string(body), `"open_tier"`) {
+		t.Fatalf("pool view without its tiers: %s", body)
+	}
+	// the load is gone: after the hysteresis the standby closes again
+	deadline := time.Now().Add(3 * time.Second)
+	var last []string
+	for time.Now().Before(deadline) {
+		for _, r := range drive(t, url, 1, 1, 4) {
+			last = append(last, r.Backend)
+		}
+	}
+	tail := last[max(len(last)-10, 0):]
+	for _, b := range tail {
+		if b == standby {
+			t.Fatalf("the standby still takes requests 3s after the load: last %v", tail)
+		}
+	}
+	t.Logf("standby tier: at 8 in flight %v; the last %d one-at-a-time requests all on the primary", busy, len(tail))
+}
+
+// TestZonePreference: with the instance in zone eu, a backend in zone us
+// gets nothing while the eu one keeps up, and the spill-over when it
+// does not.
+func TestZonePreference(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	p := pool(t, llmsim.Config{MaxRunning: 2}, llmsim.Config{})
+	near, far := p.Addrs()[0], p.Addrs()[1]
+	listen := port(t)
+	g := strings.Replace(globals, "{\n", "{\n\taibalance {\n\t\tzone eu\n\t}\n", 1)
+	tester.InitServer(fmt.Sprintf("%s\nhttp://127.0.0.1:%d {\n\tai_proxy %s {\n\t\tzone eu %s\n\t\tzone us %s\n\t\tzone_margin 50%%\n\t\t%s\n\t}\n}", g, listen, upstreams(p), near, far, upstreamHeader), "caddyfile")
+	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen)
+	if got := shares(t, url, 20, 1); got[far] != 0 {
+		t.Fatalf("one at a time, the other zone got %d of 20", got[far])
+	}
+	if v := upstreamView(t, far); v.Zone != "us" {
+		t.Fatalf("zone in the view: %q", v.Zone)
+	}
+	busy := shares(t, url, 48, 8)
+	if busy[far] == 0 {
+		t.Fatalf("8 in flight on a 2-slot engine in the instance's zone: %v", busy)
+	}
+	t.Logf("zones: one at a time all 20 in zone; at 8 in flight %v", busy)
+}

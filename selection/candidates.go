@@ -46,6 +46,44 @@ type candidates struct {
 	skip      [2]string // half-open backends whose probes were all taken
 	nskip     int
 	key       uint64 // the request's affinity key (see affinityKey); 0: none
+	openTier  int    // the highest tier open at level 0 (see tierOpen)
+}
+
+// tierOpen is the highest tier that may take new requests now: standby
+// tiers open while the tiers before them are saturated or out (see
+// aibalance.Pool.OpenTier); MaxTier when the pool has no tiers.
+func (c *candidates) tierOpen(pool reverseproxy.UpstreamPool) int {
+	if c.pool == nil || c.set == nil || !c.pool.HasTiers() {
+		return aibalance.MaxTier
+	}
+	members := func(yield func(string) bool) {
+		for _, u := range pool {
+			if !yield(u.Dial) {
+				return
+			}
+		}
+	}
+	return c.pool.OpenTier(c.now, members, func(addr string) (float64, bool) {
+		b := c.set.Get(addr)
+		if b.CoolingDown(c.now) || aibalance.Draining(addr) {
+			return 1, true
+		}
+		if out, _, _ := b.Ejected(c.now); out {
+			return 1, true
+		}
+		if br := healthcheck.Of(b); br != nil && c.health.BreakerOn() && !br.Allow(c.now, c.health) {
+			return 1, true
+		}
+		return b.Utilisation(c.now), false
+	})
+}
+
+// zone is what the score of u is multiplied by, and what is added to it
+// (seconds), for an upstream outside this instance's zone (see
+// aibalance.Pool.ZoneFactor).
+func (c *candidates) zone(home string, u *reverseproxy.Upstream) (float64, float64) {
+	f, add := c.pool.ZoneFactor(home, u.Dial)
+	return f, add.Seconds()
 }
 
 func (c *candidates) weight(u *reverseproxy.Upstream) float64 {
@@ -93,6 +131,9 @@ func (c *candidates) ok(level int, u *reverseproxy.Upstream) bool {
 			return false
 		}
 	}
+	if level == 0 && c.openTier < aibalance.MaxTier && c.pool.Tier(u.Dial) > c.openTier {
+		return false
+	}
 	if level == 0 && c.health.OutlierFactor > 0 {
 		if out, _, _ := b.Ejected(c.now); out {
 			return false
@@ -122,7 +163,17 @@ func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reversepro
 	if u := c.probe(pool); u != nil {
 		return u
 	}
-	for level := 0; level < 3; level++ {
+	// level 0 first within the open tiers, then, when none of them may
+	// take the request, in every tier: a healthy standby before panic
+	c.openTier = c.tierOpen(pool)
+	for pass := 0; pass < 4; pass++ {
+		level := max(pass-1, 0)
+		if pass == 1 {
+			if c.openTier >= aibalance.MaxTier {
+				continue
+			}
+			c.openTier = aibalance.MaxTier
+		}
 		eligible := func(u *reverseproxy.Upstream) bool { return c.ok(level, u) }
 		for {
 			var best *reverseproxy.Upstream

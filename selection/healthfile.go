@@ -48,7 +48,7 @@ const DefaultOutlierFactor = 3
 func (t *Transport) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 	key := d.Val()
 	if !healthKeys[key] {
-		return false, nil
+		return t.unmarshalTopology(d)
 	}
 	if t.Health == nil {
 		t.Health = new(aibalance.HealthConfig)
@@ -295,4 +295,122 @@ func parseFactor(d *caddyfile.Dispenser, v string) (float64, error) {
 		return 0, d.Errf("outlier_ejection: the factor must be a number above 1, got %q", v)
 	}
 	return f, nil
+}
+
+// topologyKeys are the tier and zone subdirectives of transport aibalance
+// (and of ai_proxy's top level):
+//
+//	tier               <n> <address...>     # standby tier (0: primary)
+//	zone               <name> <address...>  # zone labels
+//	standby_threshold  <0..1>|<percent>%    # default 80%
+//	standby_hysteresis <duration>           # default 30s
+//	zone_margin        [<percent>%] [<duration>]  # default 20%
+var topologyKeys = map[string]bool{
+	"tier": true, "zone": true, "standby_threshold": true, "standby_hysteresis": true, "zone_margin": true,
+}
+
+// unmarshalTopology parses one tier or zone subdirective into t.Topology,
+// reporting whether it was one.
+func (t *Transport) unmarshalTopology(d *caddyfile.Dispenser) (bool, error) {
+	key := d.Val()
+	if !topologyKeys[key] {
+		return false, nil
+	}
+	if t.Topology == nil {
+		t.Topology = new(aibalance.Topology)
+	}
+	topo := t.Topology
+	if t.seen == nil {
+		t.seen = map[string]bool{}
+	}
+	if key != "tier" && key != "zone" {
+		if t.seen[key] {
+			return true, d.Errf("%s already specified", key)
+		}
+		t.seen[key] = true
+	}
+	args := d.RemainingArgs()
+	switch key {
+	case "tier", "zone":
+		if len(args) < 2 {
+			return true, d.Errf("%s: want %s <%s> <address...>", key, key, map[string]string{"tier": "n", "zone": "name"}[key])
+		}
+		for _, a := range args[1:] {
+			if err := aibalance.CheckAddress(a); err != nil {
+				return true, d.Errf("%s: %v", key, err)
+			}
+		}
+		if key == "tier" {
+			n, err := strconv.Atoi(args[0])
+			if err != nil || n < 0 || n > aibalance.MaxTier {
+				return true, d.Errf("tier: want a number from 0 to %d, got %q", aibalance.MaxTier, args[0])
+			}
+			if topo.Tiers == nil {
+				topo.Tiers = map[string]int{}
+			}
+			for _, a := range args[1:] {
+				if _, dup := topo.Tiers[a]; dup {
+					return true, d.Errf("tier: %s already has a tier", a)
+				}
+				topo.Tiers[a] = n
+			}
+			return true, nil
+		}
+		if topo.Zones == nil {
+			topo.Zones = map[string]string{}
+		}
+		for _, a := range args[1:] {
+			if _, dup := topo.Zones[a]; dup {
+				return true, d.Errf("zone: %s already has a zone", a)
+			}
+			topo.Zones[a] = args[0]
+		}
+	case "standby_threshold":
+		if len(args) != 1 {
+			return true, d.ArgErr()
+		}
+		v, err := parseShare(args[0])
+		if err != nil || v <= 0 || v > 1 {
+			return true, d.Errf("standby_threshold: want a utilisation from 0 to 1 or 1%% to 100%%, got %q", args[0])
+		}
+		topo.StandbyThreshold = v
+	case "standby_hysteresis":
+		if len(args) != 1 {
+			return true, d.ArgErr()
+		}
+		v, err := caddy.ParseDuration(args[0])
+		if err != nil || v <= 0 {
+			return true, d.Errf("standby_hysteresis: want a positive duration, got %q", args[0])
+		}
+		topo.StandbyHysteresis = caddy.Duration(v)
+	case "zone_margin":
+		if len(args) < 1 || len(args) > 2 {
+			return true, d.Errf("zone_margin: want <percent>%%, <duration> or both")
+		}
+		for _, a := range args {
+			if strings.HasSuffix(a, "%") {
+				v, err := strconv.ParseFloat(strings.TrimSuffix(a, "%"), 64)
+				if err != nil || v < 0 || v > 10000 {
+					return true, d.Errf("zone_margin: bad percentage %q", a)
+				}
+				topo.ZoneMargin = v / 100
+				continue
+			}
+			v, err := caddy.ParseDuration(a)
+			if err != nil || v < 0 {
+				return true, d.Errf("zone_margin: want <percent>%% or a duration, got %q", a)
+			}
+			topo.ZoneMarginTime = caddy.Duration(v)
+		}
+	}
+	return true, nil
+}
+
+// parseShare reads 0.8 or 80%.
+func parseShare(s string) (float64, error) {
+	if strings.HasSuffix(s, "%") {
+		v, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
+		return v / 100, err
+	}
+	return strconv.ParseFloat(s, 64)
 }

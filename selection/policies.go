@@ -204,6 +204,7 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		f.SessionKey = p.sessionKey(r, f)
 	}
 	affinity := p.affinity && (len(f.PrefixHashes) > 0 || f.SessionKey != 0)
+	home := p.app.Zone
 	if affinity {
 		c.key = affinityKey(f)
 	}
@@ -217,7 +218,16 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 			prompt -= b.CachedTokens(f, blockTokens)
 		}
 		mean, sd := b.Model().Score(s, prompt, out, factor, prior, now)
-		return aibalance.Optimistic(mean, sd) / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
+		score := aibalance.Optimistic(mean, sd)
+		if home != "" {
+			// another zone's backend is compared on its predicted time
+			// plus the margin, without the benefit of the doubt an
+			// uncertain prediction gets: it is not explored for its own sake
+			if zf, za := c.zone(home, u); zf != 1 || za != 0 {
+				score = mean*zf + za
+			}
+		}
+		return score / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
 	}
 	var best *reverseproxy.Upstream
 	// a request whose prefix some backend holds compares every backend
@@ -391,7 +401,11 @@ func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Re
 		_, tokens := b.Inflight()
 		// the tokens it would have with this request; requests break
 		// ties, a fraction of a token each
-		return (float64(tokens) + add + float64(u.NumRequests())/(1<<20)) / p.pool.Weight(u.Dial)
+		score := (float64(tokens) + add + float64(u.NumRequests())/(1<<20)) / p.pool.Weight(u.Dial)
+		if zf, _ := c.zone(p.app.Zone, u); zf != 1 {
+			score *= zf // tokens have no time: the margin's ratio only
+		}
+		return score
 	}, nil, 0)
 	return p.finish(&c, pool, best)
 }

@@ -72,6 +72,11 @@ type Transport struct {
 	// of aibalance.DefaultHealth.
 	Health *aibalance.HealthConfig `json:"health,omitempty"`
 
+	// Topology is the handler's priority tiers and zones (see
+	// aibalance.Topology): standby capacity used only while the primary
+	// is saturated or out, and zone-aware preference.
+	Topology *aibalance.Topology `json:"topology,omitempty"`
+
 	app   *aibalance.App
 	set   aibalance.BackendSet
 	pool  *aibalance.Pool // the handler's, for requests no policy of ours routed
@@ -119,6 +124,11 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 		hc = *t.Health
 	}
 	t.pool.SetHealth(hc)
+	var topo aibalance.Topology
+	if t.Topology != nil {
+		topo = *t.Topology
+	}
+	t.pool.SetTopology(topo)
 	t.body = newBodyGuard(ctx)
 	t.budget = newRetryBudget(ctx)
 	t.logger = ctx.Logger()
@@ -155,6 +165,9 @@ func (t *Transport) Validate() error {
 		return fmt.Errorf("transport aibalance: metrics_interval, metrics_timeout and metrics_port must not be negative (port at most 65535)")
 	}
 	if err := t.CheckHealth(); err != nil {
+		return fmt.Errorf("transport aibalance: %w", err)
+	}
+	if err := t.Topology.Validate(); err != nil {
 		return fmt.Errorf("transport aibalance: %w", err)
 	}
 	return nil
