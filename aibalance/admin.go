@@ -64,10 +64,12 @@ type PoolView struct {
 	Members []string `json:"members"`
 	// Tiers is the standby state when the pool has tiers: the highest
 	// tier open, the utilisation of the open tiers, and why.
-	Tiers       *TierStatus `json:"tiers,omitempty"`
-	PriorTTFT   float64     `json:"prior_ttft_s"`
-	PriorTPOT   float64     `json:"prior_tpot_s"`
-	RecentTotal float64     `json:"recent_requests_per_s"`
+	Tiers *TierStatus `json:"tiers,omitempty"`
+	// Scaling is the pool's scaling signal (see ScalingConfig).
+	Scaling     *ScalingStatus `json:"scaling,omitempty"`
+	PriorTTFT   float64        `json:"prior_ttft_s"`
+	PriorTPOT   float64        `json:"prior_tpot_s"`
+	RecentTotal float64        `json:"recent_requests_per_s"`
 }
 
 // UpstreamView is the balancer's view of one upstream.
@@ -158,6 +160,9 @@ func View(now time.Time) UpstreamsView {
 		if p.HasTiers() {
 			ts := p.Tiers()
 			pv.Tiers = &ts
+		}
+		if st := p.Scaling(); st.Recommended > 0 {
+			pv.Scaling = &st
 		}
 		for _, m := range pv.Members {
 			if _, ok := poolOf[m]; !ok {

@@ -7,6 +7,7 @@ package aibalance
 import (
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
@@ -64,6 +65,13 @@ type App struct {
 	// another zone (transport topology) are preferred less (see
 	// Topology.ZoneMargin). Empty: zones are only labels.
 	Zone string `json:"zone,omitempty"`
+
+	// Scaling configures the scaling signal: each pool's recommended
+	// number of primaries, its evaluation and the webhook told of changes
+	// (see ScalingConfig). Evaluated with the defaults when absent.
+	Scaling *ScalingConfig `json:"scaling,omitempty"`
+
+	scaler *scaler
 
 	features FeatureConfig
 	lambda   float64
@@ -138,17 +146,32 @@ func (a *App) Validate() error {
 	case a.PrefixIndexBlocks < 0 || a.PrefixIndexBlocks > 1<<24:
 		return fmt.Errorf("prefix_index_blocks must be between 1 and %d, got %d", 1<<24, a.PrefixIndexBlocks)
 	}
-	return nil
+	return a.Scaling.Validate()
 }
 
-// Start starts the app. The store needs no goroutine of its own.
+// Start starts the app: the store needs no goroutine of its own; the
+// scaling signal has one, evaluating the pools.
 func (a *App) Start() error {
 	a.logger.Debug("aibalance started", zap.Int("backends", len(AllBackends())))
+	var cfg ScalingConfig
+	if a.Scaling != nil {
+		cfg = *a.Scaling
+	}
+	a.scaler = &scaler{cfg: cfg.withDefaults(), client: &http.Client{Timeout: 10 * time.Second}, logger: a.logger.Named("scaling"),
+		stop: make(chan struct{}), done: make(chan struct{})}
+	go a.scaler.run()
 	return nil
 }
 
 // Stop stops the app.
-func (a *App) Stop() error { return nil }
+func (a *App) Stop() error {
+	if a.scaler != nil {
+		close(a.scaler.stop)
+		<-a.scaler.done
+		a.scaler = nil
+	}
+	return nil
+}
 
 // Cleanup runs when the app's config is unloaded. Backend entries are
 // released by the modules that took them, not here.

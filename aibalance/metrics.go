@@ -79,7 +79,13 @@ var (
 	mPrefixTrust  = desc("upstream_prefix_estimate_trust_ratio", "How far the prefix estimate is trusted, 0 to 1, calibrated by the engine's own prefix cache counters.")
 )
 
-var allDescs = []*prometheus.Desc{mRequests, mInflight, mResponses, mErrors, mTTFT, mE2E, mPromptTokens, mOutputTokens, mState,
+var (
+	mRecommended = prometheus.NewDesc("caddy_aibalance_pool_recommended_primaries", "The scaling signal: recommended number of primary (tier 0) backends.", []string{"pool"}, nil)
+	mPoolCurrent = prometheus.NewDesc("caddy_aibalance_pool_primaries", "Primary backends of the pool that are not out.", []string{"pool"}, nil)
+	mPoolUtil    = prometheus.NewDesc("caddy_aibalance_pool_utilisation_ratio", "Smoothed utilisation per primary backend that is not out (above 1: requests queue).", []string{"pool"}, nil)
+)
+
+var allDescs = []*prometheus.Desc{mRecommended, mPoolCurrent, mPoolUtil, mRequests, mInflight, mResponses, mErrors, mTTFT, mE2E, mPromptTokens, mOutputTokens, mState,
 	mCooldowns, mEjections, mWeight, mWaiting, mRunning, mKV, mPredError, mPredTTFT, mPredE2E, mPrefixTokens, mPrefixTrust}
 
 // collector exposes every backend of the store.
@@ -93,6 +99,15 @@ func (collector) Describe(ch chan<- *prometheus.Desc) {
 
 func (collector) Collect(ch chan<- prometheus.Metric) {
 	now := time.Now()
+	for _, p := range AllPools() {
+		st := p.Scaling()
+		if st.Recommended == 0 {
+			continue // not evaluated yet
+		}
+		ch <- prometheus.MustNewConstMetric(mRecommended, prometheus.GaugeValue, float64(st.Recommended), p.key)
+		ch <- prometheus.MustNewConstMetric(mPoolCurrent, prometheus.GaugeValue, float64(st.Current), p.key)
+		ch <- prometheus.MustNewConstMetric(mPoolUtil, prometheus.GaugeValue, st.Utilisation, p.key)
+	}
 	counter := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
 	}

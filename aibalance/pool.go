@@ -32,6 +32,7 @@ type Pool struct {
 	topology atomic.Pointer[Topology]
 	tiers    tierState
 	openTier atomic.Int32
+	scaling  scalingState
 }
 
 // SetAffinity turns prefix affinity on or off for the pool.

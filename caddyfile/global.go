@@ -2,7 +2,9 @@ package aicaddyfile
 
 import (
 	"strconv"
+	"strings"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -26,6 +28,16 @@ func init() {
 //	        model_memory          <n>
 //	        prefix_index_blocks   <n>
 //	        zone                  <name>   # this instance's zone (see tiers and zones)
+//	        scaling {
+//	            webhook            <url>
+//	            target_utilisation <0..1>|<percent>%
+//	            hysteresis         <0..0.5>|<percent>%
+//	            min_interval       <duration>
+//	            smoothing          <duration>
+//	            every              <duration>
+//	            min_replicas       <n>
+//	            max_replicas       <n>
+//	        }
 //	    }
 //	}
 func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
@@ -44,6 +56,14 @@ func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 			return nil, d.Errf("%s already specified", key)
 		}
 		seen[key] = true
+		if key == "scaling" {
+			sc, err := parseScaling(d)
+			if err != nil {
+				return nil, err
+			}
+			app.Scaling = sc
+			continue
+		}
 		switch key {
 		case "peek_bytes", "default_output_tokens", "chars_per_token", "prefix_block_chars", "model_memory", "prefix_index_blocks", "zone":
 		default:
@@ -96,4 +116,79 @@ func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 		}
 	}
 	return httpcaddyfile.App{Name: "aibalance", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// parseScaling reads the scaling block of the aibalance global option.
+func parseScaling(d *caddyfile.Dispenser) (*aibalance.ScalingConfig, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	sc := new(aibalance.ScalingConfig)
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		key := d.Val()
+		if seen[key] {
+			return nil, d.Errf("scaling: %s already specified", key)
+		}
+		seen[key] = true
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		val := d.Val()
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		switch key {
+		case "webhook":
+			sc.Webhook = val
+		case "target_utilisation", "hysteresis":
+			v, err := share(val)
+			if err != nil || v <= 0 || v > 1 || (key == "hysteresis" && v >= 0.5) {
+				return nil, d.Errf("scaling %s: want a share such as 0.7 or 70%% (hysteresis below 50%%), got %q", key, val)
+			}
+			if key == "hysteresis" {
+				sc.Hysteresis = v
+			} else {
+				sc.TargetUtilisation = v
+			}
+		case "min_interval", "smoothing", "every":
+			v, err := caddy.ParseDuration(val)
+			if err != nil || v <= 0 {
+				return nil, d.Errf("scaling %s: want a positive duration, got %q", key, val)
+			}
+			switch key {
+			case "min_interval":
+				sc.MinInterval = caddy.Duration(v)
+			case "smoothing":
+				sc.Smoothing = caddy.Duration(v)
+			default:
+				sc.Every = caddy.Duration(v)
+			}
+		case "min_replicas", "max_replicas":
+			n, err := strconv.Atoi(val)
+			if err != nil || n < 1 {
+				return nil, d.Errf("scaling %s: want a whole number of at least 1, got %q", key, val)
+			}
+			if key == "min_replicas" {
+				sc.MinReplicas = n
+			} else {
+				sc.MaxReplicas = n
+			}
+		default:
+			return nil, d.Errf("scaling: unknown option %q", key)
+		}
+	}
+	if err := sc.Validate(); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	return sc, nil
+}
+
+// share reads 0.7 or 70%.
+func share(s string) (float64, error) {
+	if strings.HasSuffix(s, "%") {
+		v, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
+		return v / 100, err
+	}
+	return strconv.ParseFloat(s, 64)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -493,4 +494,78 @@ func TestZonePreference(t *testing.T) {
 		t.Fatalf("8 in flight on a 2-slot engine in the instance's zone: %v", busy)
 	}
 	t.Logf("zones: one at a time all 20 in zone; at 8 in flight %v", busy)
+}
+
+// TestScalingWebhook: the recommended primary count rises when the pool's
+// engines queue and falls back when the load is gone, each change POSTed
+// once to the webhook, changes at least min_interval apart.
+func TestScalingWebhook(t *testing.T) {
+	var mu sync.Mutex
+	var events []aibalance.ScalingEvent
+	var at []time.Time
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var ev aibalance.ScalingEvent
+		if r.Method != http.MethodPost || r.Header.Get("Content-Type") != "application/json" || json.NewDecoder(r.Body).Decode(&ev) != nil {
+			t.Errorf("webhook: %s %s", r.Method, r.Header.Get("Content-Type"))
+		}
+		mu.Lock()
+		events, at = append(events, ev), append(at, time.Now())
+		mu.Unlock()
+	}))
+	t.Cleanup(srv.Close)
+	hook := srv.Listener.Addr().String()
+	tester := caddytest.NewTester(t)
+	p := pool(t, llmsim.Config{MaxRunning: 2}, llmsim.Config{MaxRunning: 2})
+	listen := port(t)
+	g := strings.Replace(globals, "{\n", "{\n\taibalance {\n\t\tscaling {\n\t\t\twebhook http://"+hook+"/hook\n\t\t\tevery 100ms\n\t\t\tsmoothing 200ms\n\t\t\tmin_interval 500ms\n\t\t}\n\t}\n", 1)
+	tester.InitServer(fmt.Sprintf("%s\nhttp://127.0.0.1:%d {\n\tai_proxy %s {\n\t\tmetrics_interval 50ms\n\t}\n}", g, listen, upstreams(p)), "caddyfile")
+	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen)
+	key := "static:" + upstreams(p)
+	mine := func() []aibalance.ScalingEvent {
+		mu.Lock()
+		defer mu.Unlock()
+		var out []aibalance.ScalingEvent
+		for _, e := range events {
+			if e.Pool == key {
+				out = append(out, e)
+			}
+		}
+		return out
+	}
+	drive(t, url, 4, 1, 4)
+	time.Sleep(300 * time.Millisecond)
+	drive(t, url, 60, 12, 40) // 12 in flight on 4 batch slots: the engines queue
+	waitFor(t, func() bool { ev := mine(); return len(ev) > 0 && ev[len(ev)-1].Recommended > 2 })
+	peak := mine()[len(mine())-1]
+	waitFor(t, func() bool { ev := mine(); return len(ev) > 0 && ev[len(ev)-1].Recommended == 1 })
+	time.Sleep(700 * time.Millisecond) // idle and stable: no more changes
+	ev := mine()
+	t.Logf("scaling events: %d, peak %d primaries recommended for %d at utilisation %.2f (%s); last: %d (%s)",
+		len(ev), peak.Recommended, peak.Current, peak.Utilisation, peak.Reason, ev[len(ev)-1].Recommended, ev[len(ev)-1].Reason)
+	if ev[len(ev)-1].Recommended != 1 {
+		t.Fatalf("changed again while idle: %+v", ev[len(ev)-1])
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	last, lastAt := 2, time.Time{}
+	for i, e := range events {
+		if e.Pool != key {
+			continue
+		}
+		if e.Previous != last || e.Recommended == e.Previous || len(e.Members) != 2 {
+			t.Fatalf("event %d: %+v after a recommendation of %d", i, e, last)
+		}
+		if !lastAt.IsZero() && at[i].Sub(lastAt) < 450*time.Millisecond {
+			t.Fatalf("event %d came %v after the one before (min_interval 500ms)", i, at[i].Sub(lastAt))
+		}
+		last, lastAt = e.Recommended, at[i]
+	}
+	status, body := adminGet(t, http.MethodGet, "/aibalance/upstreams")
+	if status != 200 || !strings.Contains(string(body), `"recommended_primaries": 1`) {
+		t.Fatalf("pool view without its recommendation: %s", body)
+	}
+	fams := scrapeMetrics(t)
+	if v := sumOf(fams["caddy_aibalance_pool_recommended_primaries"], map[string]string{"pool": key}); v != 1 {
+		t.Fatalf("caddy_aibalance_pool_recommended_primaries = %v", v)
+	}
 }
