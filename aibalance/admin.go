@@ -29,6 +29,7 @@ func init() {
 //	GET    /aibalance/pools/{pool}                   one of them
 //	POST   /aibalance/pools/{pool}/members           {"address": "host:port"}
 //	DELETE /aibalance/pools/{pool}/members/{address} drain, then forget
+//	GET    /aibalance/ui/                            the dashboard (and data.json)
 //
 // It reads the process-wide store; it holds no state of its own (Caddy
 // rebuilds admin modules on every config load).
@@ -49,6 +50,7 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: "/aibalance/upstreams/", Handler: caddy.AdminHandlerFunc(a.handleOne)},
 		{Pattern: "/aibalance/pools", Handler: caddy.AdminHandlerFunc(a.handlePools)},
 		{Pattern: "/aibalance/pools/", Handler: caddy.AdminHandlerFunc(a.handlePools)},
+		{Pattern: "/aibalance/ui/", Handler: caddy.AdminHandlerFunc(serveUI)},
 	}
 }
 
@@ -110,6 +112,8 @@ type UpstreamView struct {
 	// Predicted is what the model predicts now for a reference request
 	// (500 prompt tokens, 200 output tokens) on this upstream.
 	Predicted PredictionView `json:"predicted"`
+	// Latency is its TTFT and E2E percentiles, from its histograms.
+	Latency LatencyView `json:"latency"`
 	// FailureRate is the recent share of attempts that failed through the
 	// upstream's fault (decays over about 20 s).
 	FailureRate float64 `json:"failure_rate"`
@@ -267,6 +271,7 @@ func (b *Backend) view(now time.Time, prior *Prior, hc *HealthConfig) UpstreamVi
 		}
 		u.Engine = e
 	}
+	u.Latency = b.latency()
 	pr := b.model.Predict(s, 500, 200, prior, now)
 	u.Predicted = PredictionView{TTFT: finite(pr.TTFT.Seconds()), TPOT: finite(pr.TPOT.Seconds()), E2E: finite(pr.E2E.Seconds())}
 	u.Counters.Model.MAPE = finite(u.Counters.Model.MAPE)

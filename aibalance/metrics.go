@@ -49,6 +49,54 @@ func (h *latencyHist) snapshot() (map[float64]uint64, uint64, float64) {
 	return b, n, time.Duration(h.sum.Load()).Seconds()
 }
 
+// quantile estimates the q-quantile (0..1) of the histogram by linear
+// interpolation within its bucket; 0 when empty. Above the last bound it
+// answers the last bound.
+func (h *latencyHist) quantile(q float64) float64 {
+	var counts [len(latencyBuckets) + 1]uint64
+	var n uint64
+	for i := range counts {
+		counts[i] = h.counts[i].Load()
+		n += counts[i]
+	}
+	if n == 0 {
+		return 0
+	}
+	rank := q * float64(n)
+	var cum float64
+	lo := 0.0
+	for i, c := range counts {
+		if i == len(latencyBuckets) {
+			return latencyBuckets[len(latencyBuckets)-1]
+		}
+		hi := latencyBuckets[i]
+		if cum+float64(c) >= rank && c > 0 {
+			return lo + (hi-lo)*(rank-cum)/float64(c)
+		}
+		cum += float64(c)
+		lo = hi
+	}
+	return lo
+}
+
+// LatencyView is an upstream's latency percentiles in seconds, estimated
+// from its histograms (successful LLM requests since it was first seen).
+type LatencyView struct {
+	TTFTP50 float64 `json:"ttft_p50_s"`
+	TTFTP90 float64 `json:"ttft_p90_s"`
+	TTFTP99 float64 `json:"ttft_p99_s"`
+	E2EP50  float64 `json:"e2e_p50_s"`
+	E2EP90  float64 `json:"e2e_p90_s"`
+	E2EP99  float64 `json:"e2e_p99_s"`
+}
+
+func (b *Backend) latency() LatencyView {
+	return LatencyView{
+		TTFTP50: b.ttftHist.quantile(0.5), TTFTP90: b.ttftHist.quantile(0.9), TTFTP99: b.ttftHist.quantile(0.99),
+		E2EP50: b.e2eHist.quantile(0.5), E2EP90: b.e2eHist.quantile(0.9), E2EP99: b.e2eHist.quantile(0.99),
+	}
+}
+
 // upstreamStates are the values of the state label (see UpstreamView).
 var upstreamStates = []string{"active", "standby", "draining", "drained", "cooldown", "open", "half_open", "ejected", "slow_start"}
 

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // TestOverrides: the operator's weight replaces the config's and drain
@@ -73,4 +74,22 @@ func FuzzReadPatch(f *testing.F) {
 			t.Fatalf("%q: weight %v accepted", body, *w)
 		}
 	})
+}
+
+// TestLatencyQuantile: percentiles interpolate within the buckets.
+func TestLatencyQuantile(t *testing.T) {
+	var h latencyHist
+	if h.quantile(0.5) != 0 {
+		t.Fatal("empty histogram")
+	}
+	for i := 0; i < 100; i++ {
+		h.observe(time.Duration(30+i%20) * time.Millisecond) // 30–49 ms: the 25–50 ms bucket
+	}
+	if q := h.quantile(0.5); q <= 0.025 || q > 0.05 {
+		t.Fatalf("p50 %v, want within (0.025, 0.05]", q)
+	}
+	h.observe(10 * time.Minute)
+	if q := h.quantile(1); q != latencyBuckets[len(latencyBuckets)-1] {
+		t.Fatalf("p100 %v beyond the last bound", q)
+	}
 }

@@ -540,6 +540,9 @@ func TestScalingWebhook(t *testing.T) {
 	waitFor(t, func() bool { ev := mine(); return len(ev) > 0 && ev[len(ev)-1].Recommended == 1 })
 	time.Sleep(700 * time.Millisecond) // idle and stable: no more changes
 	ev := mine()
+	if raw, err := json.Marshal(ev[0]); err == nil {
+		t.Logf("first webhook body: %s", raw)
+	}
 	t.Logf("scaling events: %d, peak %d primaries recommended for %d at utilisation %.2f (%s); last: %d (%s)",
 		len(ev), peak.Recommended, peak.Current, peak.Utilisation, peak.Reason, ev[len(ev)-1].Recommended, ev[len(ev)-1].Reason)
 	if ev[len(ev)-1].Recommended != 1 {
