@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // Dynamic pools: named pools of upstreams that change without a config
@@ -39,22 +41,53 @@ type DynamicPool struct {
 	pending atomic.Int32             // members being removed
 }
 
-var dynPools sync.Map // name → *DynamicPool
+// dynPools holds the dynamic pools by name, counted by the configs that
+// declare them: a reload declares the pool again before the old config
+// lets go, so it lives on; when no config declares it any more, it releases
+// its members.
+var dynPools = caddy.NewUsagePool()
 
-// AcquireDynamicPool returns the dynamic pool called name, creating it.
+// AcquireDynamicPool takes a reference to the dynamic pool called name,
+// creating it.
 func AcquireDynamicPool(name string) *DynamicPool {
-	v, _ := dynPools.LoadOrStore(name, &DynamicPool{name: name})
+	v, _, _ := dynPools.LoadOrNew(name, func() (caddy.Destructor, error) {
+		return &DynamicPool{name: name}, nil
+	})
 	return v.(*DynamicPool)
 }
 
-// LookupDynamicPool returns the dynamic pool called name, if a config has
-// declared it.
-func LookupDynamicPool(name string) (*DynamicPool, bool) {
-	v, ok := dynPools.Load(name)
-	if !ok {
-		return nil, false
+// ReleaseDynamicPool drops a reference; the last one destroys the pool.
+func ReleaseDynamicPool(name string) {
+	_, _ = dynPools.Delete(name)
+}
+
+// Destruct releases the members' store references and the drains the
+// pool set on members it was removing.
+func (p *DynamicPool) Destruct() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, m := range p.current() {
+		if m.Removing {
+			SetOverride(m.Address, func(o *Override) { o.Drain, o.DrainSince = false, time.Time{} })
+		}
+		releaseBackend(m.Address)
 	}
-	return v.(*DynamicPool), true
+	p.store(nil)
+	return nil
+}
+
+// LookupDynamicPool returns the dynamic pool called name, if a config
+// declares it.
+func LookupDynamicPool(name string) (*DynamicPool, bool) {
+	var found *DynamicPool
+	dynPools.Range(func(k, v any) bool {
+		if k == name {
+			found = v.(*DynamicPool)
+			return false
+		}
+		return true
+	})
+	return found, found != nil
 }
 
 // AllDynamicPools returns the dynamic pools, sorted by name.

@@ -73,6 +73,15 @@ func (d *DynamicUpstreams) Provision(caddy.Context) error {
 	return nil
 }
 
+// Cleanup lets go of the pool: the last config that declares it releases
+// its members.
+func (d *DynamicUpstreams) Cleanup() error {
+	if d.pool != nil {
+		aibalance.ReleaseDynamicPool(d.Pool)
+	}
+	return nil
+}
+
 // GetUpstreams returns the pool's members that take new requests.
 func (d *DynamicUpstreams) GetUpstreams(*http.Request) ([]*reverseproxy.Upstream, error) {
 	addrs := d.pool.Upstreams()
@@ -111,6 +120,7 @@ func (d *DynamicUpstreams) UnmarshalCaddyfile(disp *caddyfile.Dispenser) error {
 var (
 	_ reverseproxy.UpstreamSource = (*DynamicUpstreams)(nil)
 	_ caddy.Provisioner           = (*DynamicUpstreams)(nil)
+	_ caddy.CleanerUpper          = (*DynamicUpstreams)(nil)
 	_ caddy.Validator             = (*DynamicUpstreams)(nil)
 	_ caddyfile.Unmarshaler       = (*DynamicUpstreams)(nil)
 )
