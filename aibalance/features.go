@@ -143,6 +143,11 @@ type Features struct {
 	// previous response (or conversation) could not take it: it went
 	// elsewhere, and the answer says so (X-Aibalance-Affinity).
 	OwnerLost bool
+	// OwnerUnknown is set when the request continues a stored response
+	// (or conversation) this instance has not seen: another instance, or
+	// a time before a restart, routed it. It went where the policy chose,
+	// and the answer says so.
+	OwnerUnknown bool
 	// Probe is the address whose half-open probe this request holds.
 	Probe string
 	// Reject, when set by the policy, is the answer the transport gives

@@ -472,9 +472,16 @@ func (m *Model) Observe(o Observation, lambda float64, prior *Prior, now time.Ti
 	if o.Stream {
 		prior.observe((ttft-queueing(o.State))/(load*(1+float64(o.PromptTokens)/4000)), tpot/load)
 	} else {
-		// only the sum is known: split it at the pool's current ratio
+		// only the sum is known: split it at the pool's current ratio, so
+		// both move with what non-streaming traffic shows (a pool that
+		// only sees whole answers must still learn its per-token time, or
+		// backends it has not measured look slow and are never tried)
 		share := pTTFT / (pTTFT + out*pTPOT)
-		prior.observe(e2e*share/(load*(1+float64(o.PromptTokens)/4000)), -1)
+		tpotPart := -1.0
+		if out > 0 {
+			tpotPart = e2e * (1 - share) / out / load
+		}
+		prior.observe(e2e*share/(load*(1+float64(o.PromptTokens)/4000)), tpotPart)
 	}
 
 	m.mu.Lock()

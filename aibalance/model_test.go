@@ -123,3 +123,20 @@ func TestModelFollowsASpeedChange(t *testing.T) {
 		t.Fatalf("predicted %v, true %v (%.0f%% off) 40 observations after the change", got, want, 100*e)
 	}
 }
+
+// TestPriorLearnsFromWholeAnswers: a pool that only sees non-streaming
+// answers moves both parts of its prior, the per-token time included.
+func TestPriorLearnsFromWholeAnswers(t *testing.T) {
+	var prior Prior
+	var m Model
+	_, tpot0 := prior.values()
+	now := time.Unix(0, 0)
+	for i := 0; i < 400; i++ {
+		// 200 output tokens at 5 ms each, 50 ms to the first: 1.05 s
+		m.Observe(Observation{PromptTokens: 500, OutputTokens: 201, E2E: 1050 * time.Millisecond}, 0.99, &prior, now)
+	}
+	_, tpot := prior.values()
+	if tpot >= tpot0/2 {
+		t.Fatalf("prior TPOT %v after 400 whole answers at 5 ms a token; it started at %v", tpot, tpot0)
+	}
+}

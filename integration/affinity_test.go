@@ -194,4 +194,9 @@ func TestStatefulResponses(t *testing.T) {
 	if status, id, _ := respond(t, url, "", false); status != 200 || id == "" {
 		t.Fatalf("a new chain after the owner died: %d", status)
 	}
+	// an id this balancer never saw (another instance stored it): the
+	// answer says the owner is unknown
+	if status, _, aff := respond(t, url, "resp_stored_elsewhere", false); !strings.HasPrefix(aff, "unknown:") {
+		t.Fatalf("a response id from elsewhere: %d, X-Aibalance-Affinity %q", status, aff)
+	}
 }

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
 	"github.com/aibalance/caddy-aibalance/aibalance"
 )
 
@@ -264,6 +266,25 @@ func TestHotTenantSpreads(t *testing.T) {
 	for addr, n := range per {
 		if n > 24 {
 			t.Fatalf("%s took %d of 48: the holder must give way under load", addr, n)
+		}
+	}
+}
+
+// TestNearBestPrefersHolder: among near-equal scores the backend holding
+// most of the prompt wins, whatever the rendezvous order; a clearly
+// better score still wins over a holder.
+func TestNearBestPrefersHolder(t *testing.T) {
+	pool := testPool(t, 4)
+	held := map[string]int{pool[2].Dial: 800}
+	h := func(u *reverseproxy.Upstream) int { return held[u.Dial] }
+	for key := uint64(1); key < 200; key++ {
+		cands := []scored{{0, 1.00}, {1, 1.01}, {2, 1.04}, {3, 1.02}}
+		if got := nearBest(pool, cands, key, h); got != 2 {
+			t.Fatalf("key %d: chose %d, want the holder 2 within the band", key, got)
+		}
+		cands[2].s = 1.2
+		if got := nearBest(pool, cands, key, h); got == 2 {
+			t.Fatalf("key %d: the holder won at 20%% above the best", key)
 		}
 	}
 }

@@ -47,6 +47,9 @@ type candidates struct {
 	nskip     int
 	key       uint64 // the request's affinity key (see affinityKey); 0: none
 	openTier  int    // the highest tier open at level 0 (see tierOpen)
+	// held is how many of the request's prompt tokens an upstream holds
+	// in its prefix cache (see nearBest); nil: not weighed
+	held func(*reverseproxy.Upstream) int
 }
 
 // tierOpen is the highest tier that may take new requests now: standby
@@ -178,9 +181,9 @@ func (c *candidates) pick(pool reverseproxy.UpstreamPool, score func(*reversepro
 		for {
 			var best *reverseproxy.Upstream
 			if k > 0 {
-				best = sampleMin(pool, eligible, k, memory, score, c.key)
+				best = sampleMin(pool, eligible, k, memory, score, c.key, c.held)
 			} else {
-				best = selectMin(pool, eligible, score, c.key)
+				best = selectMin(pool, eligible, score, c.key, c.held)
 			}
 			if best == nil {
 				break
@@ -218,6 +221,7 @@ func (c *candidates) owner(pool reverseproxy.UpstreamPool) *reverseproxy.Upstrea
 	}
 	addr, ok := aibalance.Owner(key, c.now)
 	if !ok {
+		c.f.OwnerUnknown = true
 		return nil
 	}
 	for _, u := range pool {

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -207,6 +208,7 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 	home := p.app.Zone
 	if affinity {
 		c.key = affinityKey(f)
+		c.held = func(u *reverseproxy.Upstream) int { return p.set.Get(u.Dial).CachedTokens(f, blockTokens) }
 	}
 	score := func(u *reverseproxy.Upstream) float64 {
 		b := p.set.Get(u.Dial)
@@ -659,7 +661,7 @@ func positionalWeight(weights []int, pool reverseproxy.UpstreamPool, addr string
 // or, for a request with an affinity key, the one ranked first by
 // rendezvous hashing among those within tieBand of the lowest (see
 // nearBest).
-func selectMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, score func(*reverseproxy.Upstream) float64, key uint64) *reverseproxy.Upstream {
+func selectMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, score func(*reverseproxy.Upstream) float64, key uint64, held func(*reverseproxy.Upstream) int) *reverseproxy.Upstream {
 	if key != 0 {
 		var buf [64]scored
 		cands := buf[:0]
@@ -668,7 +670,7 @@ func selectMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstr
 				cands = append(cands, scored{i, score(u)})
 			}
 		}
-		if i := nearBest(pool, cands, key); i >= 0 {
+		if i := nearBest(pool, cands, key, held); i >= 0 {
 			return pool[i]
 		}
 		return nil
@@ -707,11 +709,14 @@ type scored struct {
 	s float64
 }
 
-// nearBest returns the index of the candidate ranked first by rendezvous
-// hashing of key among those whose score is within tieBand of the lowest;
-// -1 when there is none. The result does not depend on the candidates'
-// order.
-func nearBest(pool reverseproxy.UpstreamPool, cands []scored, key uint64) int {
+// nearBest returns the index of the chosen candidate among those whose
+// score is within tieBand of the lowest: the one holding most of the
+// request's prompt (held, in tokens; nil: none known), and among equals the
+// one ranked first by rendezvous hashing of key; -1 when there is none. A
+// holder within the band keeps the conversation (a few percent of
+// predicted time is noise, its cache is not), and the result does not
+// depend on the candidates' order.
+func nearBest(pool reverseproxy.UpstreamPool, cands []scored, key uint64, held func(*reverseproxy.Upstream) int) int {
 	if len(cands) == 0 {
 		return -1
 	}
@@ -719,13 +724,18 @@ func nearBest(pool reverseproxy.UpstreamPool, cands []scored, key uint64) int {
 	for _, c := range cands[1:] {
 		low = min(low, c.s)
 	}
-	best, bestRank := -1, uint64(0)
+	best, bestHeld, bestRank := -1, 0, uint64(0)
 	for _, c := range cands {
 		if c.s > low*(1+tieBand) {
 			continue
 		}
-		if r := rendezvous(key, pool[c.i].Dial); best < 0 || r > bestRank {
-			best, bestRank = c.i, r
+		h := 0
+		if held != nil {
+			h = held(pool[c.i])
+		}
+		r := rendezvous(key, pool[c.i].Dial)
+		if best < 0 || h > bestHeld || (h == bestHeld && r > bestRank) {
+			best, bestHeld, bestRank = c.i, h, r
 		}
 	}
 	return best
@@ -792,7 +802,7 @@ const affinityKeyBlocks = 8
 // random draw of its own, while a loaded first choice still loses to a
 // clearly better one.
 // Ranking hashes every address, cheaply, without scoring them.
-func sampleMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, k int, memory *atomic.Int64, score func(*reverseproxy.Upstream) float64, key uint64) *reverseproxy.Upstream {
+func sampleMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstream) bool, k int, memory *atomic.Int64, score func(*reverseproxy.Upstream) float64, key uint64, held func(*reverseproxy.Upstream) int) *reverseproxy.Upstream {
 	var picked [maxChoose + 2]int
 	n := 0
 	if key != 0 {
@@ -844,7 +854,7 @@ func sampleMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstr
 		n++
 	}
 	if n < min(k, len(pool)) {
-		best := selectMin(pool, eligible, score, key)
+		best := selectMin(pool, eligible, score, key, held)
 		for i, u := range pool {
 			if u == best {
 				memory.Store(int64(i) + 1)
@@ -857,7 +867,7 @@ func sampleMin(pool reverseproxy.UpstreamPool, eligible func(*reverseproxy.Upstr
 		for j, i := range picked[:n] {
 			cands[j] = scored{i, score(pool[i])}
 		}
-		best := nearBest(pool, cands[:n], key)
+		best := nearBest(pool, cands[:n], key, held)
 		if best < 0 {
 			return nil
 		}
@@ -911,7 +921,7 @@ func ParseAffinity(d *caddyfile.Dispenser) (mode, key string, err error) {
 	switch mode {
 	case AffinityPrefix, AffinitySession, AffinityNone:
 	case AffinityHeader, AffinityCookie:
-		if !d.NextArg() {
+		if !d.NextArg() || strings.TrimSpace(d.Val()) == "" {
 			return "", "", d.Errf("affinity %s: give the %s's name", mode, mode)
 		}
 		key = d.Val()

@@ -350,8 +350,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	fb.stop()
-	if f.OwnerLost {
+	switch {
+	case f.OwnerLost:
 		res.Header.Set("X-Aibalance-Affinity", "lost: the backend that stored the previous response is unavailable")
+	case f.OwnerUnknown:
+		res.Header.Set("X-Aibalance-Affinity", "unknown: this balancer has not seen the previous response (another instance or an earlier process stored it)")
 	}
 	res.Body = &observedBody{
 		ReadCloser: res.Body,
