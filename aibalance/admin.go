@@ -182,9 +182,26 @@ func View(now time.Time) UpstreamsView {
 		}
 		v.Pools = append(v.Pools, pv)
 	}
+	// members of dynamic pools the balancer has not routed to yet
+	for _, dp := range AllDynamicPools() {
+		hp := dp.handlerPool()
+		if hp == nil {
+			continue
+		}
+		for _, m := range dp.Members() {
+			if _, ok := poolOf[m.Address]; !ok {
+				poolOf[m.Address] = hp
+			}
+		}
+	}
 	for _, b := range AllBackends() {
 		var prior *Prior
 		p := poolOf[b.addr]
+		if p == nil && len(poolOf) > 0 {
+			// in no pool: a dynamic member removed since, still held by
+			// the handler that routed to it until the next reload
+			continue
+		}
 		if p != nil {
 			prior = &p.prior
 		} else {

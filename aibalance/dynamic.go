@@ -39,6 +39,38 @@ type DynamicPool struct {
 	members atomic.Pointer[[]Member]
 	live    atomic.Pointer[[]string] // addresses that take new requests
 	pending atomic.Int32             // members being removed
+	// attached are the handler pools this pool serves (see Attach): a
+	// member it forgets leaves them too
+	attached []*Pool
+}
+
+// Attach records that the handler pool hp serves this pool's members.
+func (p *DynamicPool) Attach(hp *Pool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.attached = append(p.attached, hp)
+}
+
+// Detach undoes one Attach of hp.
+func (p *DynamicPool) Detach(hp *Pool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, a := range p.attached {
+		if a == hp {
+			p.attached = append(p.attached[:i:i], p.attached[i+1:]...)
+			return
+		}
+	}
+}
+
+// handlerPool is a handler pool this pool serves, or nil.
+func (p *DynamicPool) handlerPool() *Pool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.attached) == 0 {
+		return nil
+	}
+	return p.attached[0]
 }
 
 // dynPools holds the dynamic pools by name, counted by the configs that
@@ -200,7 +232,16 @@ func (p *DynamicPool) Add(addr string, now time.Time) (Member, bool) {
 			return ms[i], false
 		}
 	}
-	acquireBackend(addr)
+	b := acquireBackend(addr)
+	for _, m := range ms {
+		// joining a pool that serves: slow start from now, before its
+		// first request (its first requests would all go to it otherwise:
+		// an idle newcomer wins)
+		if o, ok := LookupBackend(m.Address); ok && o.hasRequests() && !b.hasRequests() {
+			b.StartRamp(now)
+			break
+		}
+	}
 	m := Member{Address: addr, Source: "api", Added: now}
 	p.store(append(ms, m))
 	return m, true
@@ -248,6 +289,9 @@ func (p *DynamicPool) pruneLocked() {
 		if m.Removing {
 			if b, ok := LookupBackend(m.Address); !ok || b.inflight.Load() <= 0 {
 				SetOverride(m.Address, func(o *Override) { o.Drain, o.DrainSince = false, time.Time{} })
+				for _, hp := range p.attached {
+					hp.RemoveMember(m.Address)
+				}
 				releaseBackend(m.Address)
 				changed = true
 				continue

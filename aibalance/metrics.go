@@ -168,7 +168,7 @@ func (collector) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		a, c := u.Address, u.Counters
-		counter(mRequests, float64(c.Requests), a)
+		counter(mRequests, float64(c.Requests)+float64(max(c.Inflight, 0)), a) // ended + in flight: every attempt sent
 		gauge(mInflight, float64(c.Inflight), a)
 		counter(mResponses, float64(c.Status2xx), a, "2xx")
 		counter(mResponses, float64(c.Status4xx), a, "4xx")

@@ -51,6 +51,9 @@ func (p *Pool) AddMember(addr string) bool {
 	return !loaded
 }
 
+// RemoveMember forgets addr (a dynamic member removed from the pool).
+func (p *Pool) RemoveMember(addr string) { p.members.Delete(addr) }
+
 // Members returns the pool's upstream addresses, sorted.
 func (p *Pool) Members() []string {
 	var out []string

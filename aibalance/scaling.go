@@ -233,6 +233,7 @@ func (s *scaler) run() {
 			return
 		case now := <-t.C:
 			for _, p := range AllPools() {
+				p.RefreshTiers(now)
 				st, prev, changed := p.evaluateScaling(s.cfg, now)
 				if !changed {
 					continue

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"iter"
 	"math"
+	"slices"
 	"sync"
 	"time"
 
@@ -122,6 +123,9 @@ func (p *Pool) SetTopology(t Topology) {
 	}
 	p.tiers.mu.Lock()
 	p.tiers.maxTier = highest
+	if p.tiers.lastReason == "" && highest > 0 {
+		p.tiers.lastReason = fmt.Sprintf("standby tiers open when the tiers before them reach %.0f%% utilisation", 100*t.StandbyThreshold)
+	}
 	if p.tiers.open > highest {
 		p.tiers.open = highest
 	}
@@ -226,7 +230,7 @@ func (p *Pool) OpenTier(now time.Time, members iter.Seq[string], util func(addr 
 		}
 		if now.Sub(ts.below) >= time.Duration(topo.StandbyHysteresis) {
 			ts.open--
-			ts.below = time.Time{}
+			ts.below, ts.openedAt = time.Time{}, now
 			ts.lastReason = fmt.Sprintf("tiers 0–%d below %.0f%% for %s", ts.open, 100*thr, time.Duration(topo.StandbyHysteresis))
 		}
 	default:
@@ -236,13 +240,32 @@ func (p *Pool) OpenTier(now time.Time, members iter.Seq[string], util func(addr 
 	return ts.open
 }
 
+// RefreshTiers re-evaluates the open tier from the members' state (the
+// app does it every second, so a standby tier closes after the hysteresis
+// even when no request comes to ask).
+func (p *Pool) RefreshTiers(now time.Time) {
+	if !p.HasTiers() {
+		return
+	}
+	p.OpenTier(now, slices.Values(p.Members()), func(addr string) (float64, bool) {
+		b, ok := LookupBackend(addr)
+		if !ok {
+			return 1, true
+		}
+		if out, _, _ := b.Ejected(now); out || Draining(addr) || b.CoolingDown(now) || b.breakerOpen(now) {
+			return 1, true
+		}
+		return b.Utilisation(now), false
+	})
+}
+
 // TierStatus is the pool's standby state for the admin view.
 type TierStatus struct {
 	Open        int       `json:"open_tier"`
 	MaxTier     int       `json:"max_tier"`
 	Utilisation float64   `json:"utilisation"`
-	Reason      string    `json:"reason,omitempty"`
-	Since       time.Time `json:"since,omitzero"`
+	Reason      string    `json:"reason,omitempty"` // of the last change
+	Since       time.Time `json:"since,omitzero"`   // of the last change
 }
 
 // Tiers returns the pool's standby state.

@@ -329,6 +329,11 @@ func TestDynamicPool(t *testing.T) {
 	if status, body := adminSend(t, http.MethodPost, "/aibalance/pools/"+name+"/members", `{"address": "`+a[2]+`", "weight": 2}`); status != http.StatusCreated {
 		t.Fatalf("POST member with a weight: %d %s", status, body)
 	}
+	// joining a pool that serves: slow start before its first request,
+	// its weight shown at once
+	if v := upstreamView(t, a[2]); v.State != "slow_start" || v.Weight != 2 {
+		t.Fatalf("a member just added: state %q weight %v", v.State, v.Weight)
+	}
 	first := shares(t, url, 12, 3)
 	ramping := 0
 	for _, x := range a[1:] {
@@ -392,6 +397,13 @@ func TestDynamicPool(t *testing.T) {
 		t.Fatalf("the request in flight on the removed member: %d after %d tokens", res.Status, res.Tokens)
 	}
 	waitFor(t, func() bool { _, ok := memberOf(poolView(t, name), a[1]); return !ok })
+	// forgotten everywhere: no upstream view, not in the handler's pool
+	if status, body := adminGet(t, http.MethodGet, "/aibalance/upstreams/"+a[1]); status != 404 {
+		t.Fatalf("a removed member's view: %d %s", status, body)
+	}
+	if status, body := adminGet(t, http.MethodGet, "/aibalance/upstreams"); status != 200 || strings.Contains(string(body), a[1]) {
+		t.Fatalf("a removed member is still listed: %s", body)
+	}
 
 	for _, tc := range []struct {
 		method, path, body string
@@ -455,21 +467,17 @@ func TestStandbyTier(t *testing.T) {
 	if status != 200 || !strings.Contains(string(body), `"open_tier"`) {
 		t.Fatalf("pool view without its tiers: %s", body)
 	}
-	// the load is gone: after the hysteresis the standby closes again
-	deadline := time.Now().Add(3 * time.Second)
-	var last []string
-	for time.Now().Before(deadline) {
-		for _, r := range drive(t, url, 1, 1, 4) {
-			last = append(last, r.Backend)
-		}
+	// the load is gone: after the hysteresis the standby closes again,
+	// with no request to ask (the app re-evaluates every second)
+	time.Sleep(3 * time.Second)
+	if v := upstreamView(t, standby); v.State != "standby" {
+		t.Fatalf("3s after the load the standby is %q (%s)", v.State, v.Reason)
 	}
-	tail := last[max(len(last)-10, 0):]
-	for _, b := range tail {
-		if b == standby {
-			t.Fatalf("the standby still takes requests 3s after the load: last %v", tail)
-		}
+	after := shares(t, url, 10, 1)
+	if after[standby] != 0 {
+		t.Fatalf("3s after the load the standby took %d of 10 one-at-a-time requests", after[standby])
 	}
-	t.Logf("standby tier: at 8 in flight %v; the last %d one-at-a-time requests all on the primary", busy, len(tail))
+	t.Logf("standby tier: at 8 in flight %v; after 3 s idle, 10 of 10 one at a time on the primary", busy)
 }
 
 // TestZonePreference: with the instance in zone eu, a backend in zone us

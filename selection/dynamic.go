@@ -32,7 +32,8 @@ type DynamicUpstreams struct {
 	Pool    string   `json:"pool"`
 	Members []string `json:"members,omitempty"`
 
-	pool *aibalance.DynamicPool
+	pool    *aibalance.DynamicPool
+	handler *aibalance.Pool // the handler's pool, which serves the members
 }
 
 // CaddyModule returns the Caddy module information.
@@ -64,18 +65,24 @@ func (d *DynamicUpstreams) Validate() error {
 }
 
 // Provision declares the pool and applies the config's members.
-func (d *DynamicUpstreams) Provision(caddy.Context) error {
+func (d *DynamicUpstreams) Provision(ctx caddy.Context) error {
 	if err := d.Validate(); err != nil {
 		return err
 	}
 	d.pool = aibalance.AcquireDynamicPool(d.Pool)
 	d.pool.SetConfigMembers(d.Members, time.Now())
+	d.handler = aibalance.AcquirePool(aibalance.HandlerPoolKey(ctx))
+	d.pool.Attach(d.handler)
 	return nil
 }
 
 // Cleanup lets go of the pool: the last config that declares it releases
 // its members.
 func (d *DynamicUpstreams) Cleanup() error {
+	if d.handler != nil {
+		d.pool.Detach(d.handler)
+		aibalance.ReleasePool(d.handler.Key())
+	}
 	if d.pool != nil {
 		aibalance.ReleaseDynamicPool(d.Pool)
 	}

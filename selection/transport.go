@@ -129,6 +129,19 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 		topo = *t.Topology
 	}
 	t.pool.SetTopology(topo)
+	if h := aibalance.Handler(ctx); h != nil && len(h.Upstreams) > 0 {
+		static := map[string]bool{}
+		for _, a := range aibalance.HandlerUpstreams(ctx) {
+			static[a] = true
+		}
+		for _, m := range []map[string]bool{keysOf(topo.Tiers), keysOf(topo.Zones)} {
+			for a := range m {
+				if !static[a] {
+					ctx.Logger().Warn("tier or zone given for an address that is not one of the handler's upstreams (a typo leaves the intended one in tier 0 without a zone)", zap.String("address", a))
+				}
+			}
+		}
+	}
 	t.body = newBodyGuard(ctx)
 	t.budget = newRetryBudget(ctx)
 	t.logger = ctx.Logger()
@@ -539,3 +552,12 @@ var (
 	_ reverseproxy.H2CTransport                        = (*Transport)(nil)
 	_ reverseproxy.HealthCheckSchemeOverriderTransport = (*Transport)(nil)
 )
+
+// keysOf is the set of a map's keys.
+func keysOf[V any](m map[string]V) map[string]bool {
+	out := make(map[string]bool, len(m))
+	for k := range m {
+		out[k] = true
+	}
+	return out
+}
