@@ -114,12 +114,16 @@ func TestAdaptGolden(t *testing.T) {
 	}
 }
 
-// TestReadmeBlocks adapts every ```caddyfile block of the README, so the
-// docs cannot rot.
+// TestReadmeBlocks adapts every ```caddyfile block of the README and
+// SECURITY.md, so the docs cannot rot.
 func TestReadmeBlocks(t *testing.T) {
-	readme, err := os.ReadFile("../README.md")
-	if err != nil {
-		t.Fatal(err)
+	var readme []byte
+	for _, doc := range []string{"../README.md", "../SECURITY.md"} {
+		b, err := os.ReadFile(doc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		readme = append(readme, b...)
 	}
 	blocks := regexp.MustCompile("(?s)```caddyfile\n(.*?)```").FindAllStringSubmatch(string(readme), -1)
 	if len(blocks) < 3 {
