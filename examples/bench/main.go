@@ -63,6 +63,8 @@ func main() {
 	cellList := flag.String("cells", "", "comma-separated cells of the matrix to run (default: all)")
 	seeds := flag.Int("seeds", 0, "seeds per cell and policy in the matrix (default: the preset's)")
 	timeScale := flag.Float64("timescale", 0, "multiply every engine's speed in the matrix (default: the preset's)")
+	soak := flag.Duration("soak", 0, "run ai_predictive this long on one cell (-cells, default aff-chat), sampling heap, goroutines and prefix index sizes every -soak-every")
+	soakEvery := flag.Duration("soak-every", 30*time.Second, "sampling interval of -soak")
 	flag.Parse()
 
 	if *cpuprofile != "" {
@@ -76,6 +78,32 @@ func main() {
 	}
 	if *overhead {
 		runOverhead(*duration, *conc, max(*rounds, 1))
+		return
+	}
+	if *soak > 0 {
+		o, err := presetOptions("full")
+		list := *cellList
+		if list == "" {
+			list = "aff-chat"
+		}
+		var cells []cell
+		if err == nil {
+			cells, err = pickCells(list)
+		}
+		if err == nil && len(cells) != 1 {
+			err = fmt.Errorf("-soak runs one cell, got %d", len(cells))
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(2)
+		}
+		o.measured, o.progress = *soak, os.Stderr
+		err = runSoak(o, cells[0], *soakEvery, os.Stdout)
+		_ = harness.Stop()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
 		return
 	}
 	if *matrix != "" {

@@ -1,0 +1,102 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"runtime"
+	"time"
+
+	"github.com/aibalance/caddy-aibalance/aibalance"
+)
+
+// soakSample is the process's state at one time of a soak.
+type soakSample struct {
+	at          time.Duration
+	heapMiB     float64 // live heap after a GC
+	goroutines  int
+	prefixIndex int // prompt blocks held by every backend's prefix index
+	backends    int
+}
+
+func sampleSoak(start time.Time) soakSample {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	s := soakSample{at: time.Since(start).Round(time.Second), heapMiB: float64(m.HeapAlloc) / (1 << 20), goroutines: runtime.NumGoroutine()}
+	for _, b := range aibalance.AllBackends() {
+		s.prefixIndex += b.PrefixBlocks()
+		s.backends++
+	}
+	return s
+}
+
+// runSoak runs one long measured run of ai_predictive on cell c (warm-up,
+// then measured for o.measured), sampling the heap, goroutines and the
+// prefix indexes every `every`, and prints the curve and whether it grew:
+// the mean of the last third of the samples against the first third.
+func runSoak(o matrixOptions, c cell, every time.Duration, out io.Writer) error {
+	policies, err := matrixPolicies("")
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	var samples []soakSample
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				s := sampleSoak(start)
+				samples = append(samples, s)
+				if o.progress != nil {
+					fmt.Fprintf(o.progress, "bench: soak %v: heap %.1f MiB, %d goroutines, prefix index %d blocks over %d backends\n", s.at, s.heapMiB, s.goroutines, s.prefixIndex, s.backends)
+				}
+			}
+		}
+	}()
+	c.compare = nil
+	r, err := runOnce(o, c, policies[0], 1)
+	close(stop)
+	<-done
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "# Soak: %s, ai_predictive, %v measured after %v warm-up, engine speeds ×%g\n\n", c.name, o.measured, o.warmup, o.timeScale)
+	fmt.Fprintf(out, "%d requests, %d errors; TTFT p50 %s p99 %s, E2E p50 %s p99 %s\n\n", r.requests, r.errors, ms(r.ttftP50), ms(r.ttftP99), ms(r.e2eP50), ms(r.e2eP99))
+	fmt.Fprintln(out, "| time | heap (MiB, after GC) | goroutines | prefix index (blocks) |")
+	fmt.Fprintln(out, "|---|---|---|---|")
+	for _, s := range samples {
+		fmt.Fprintf(out, "| %v | %.1f | %d | %d |\n", s.at, s.heapMiB, s.goroutines, s.prefixIndex)
+	}
+	if n := len(samples); n >= 6 {
+		third := n / 3
+		mean := func(ss []soakSample, f func(soakSample) float64) float64 {
+			t := 0.0
+			for _, s := range ss {
+				t += f(s)
+			}
+			return t / float64(len(ss))
+		}
+		// the first third starts after the warm-up's growth: skip sample 0
+		first, last := samples[1:1+third], samples[n-third:]
+		for _, m := range []struct {
+			name string
+			f    func(soakSample) float64
+		}{
+			{"heap", func(s soakSample) float64 { return s.heapMiB }},
+			{"goroutines", func(s soakSample) float64 { return float64(s.goroutines) }},
+			{"prefix index", func(s soakSample) float64 { return float64(s.prefixIndex) }},
+		} {
+			a, b := mean(first, m.f), mean(last, m.f)
+			fmt.Fprintf(out, "\n%s: first third %.1f, last third %.1f (×%.2f)", m.name, a, b, b/max(a, 1e-9))
+		}
+		fmt.Fprintln(out)
+	}
+	return nil
+}
