@@ -63,7 +63,7 @@ func main() {
 	cellList := flag.String("cells", "", "comma-separated cells of the matrix to run (default: all)")
 	seeds := flag.Int("seeds", 0, "seeds per cell and policy in the matrix (default: the preset's)")
 	timeScale := flag.Float64("timescale", 0, "multiply every engine's speed in the matrix (default: the preset's)")
-	soak := flag.Duration("soak", 0, "run ai_predictive this long on one cell (-cells, default aff-chat), sampling heap, goroutines and prefix index sizes every -soak-every")
+	soak := flag.Duration("soak", 0, "run one policy (-policies, default ai_predictive) this long on one cell (-cells, default aff-chat), sampling heap, goroutines and prefix index sizes every -soak-every")
 	soakEvery := flag.Duration("soak-every", 30*time.Second, "sampling interval of -soak")
 	flag.Parse()
 
@@ -98,7 +98,7 @@ func main() {
 			os.Exit(2)
 		}
 		o.measured, o.progress = *soak, os.Stderr
-		err = runSoak(o, cells[0], *soakEvery, os.Stdout)
+		err = runSoak(o, cells[0], *only, *soakEvery, os.Stdout)
 		_ = harness.Stop()
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "bench:", err)

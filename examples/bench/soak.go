@@ -30,14 +30,23 @@ func sampleSoak(start time.Time) soakSample {
 	return s
 }
 
-// runSoak runs one long measured run of ai_predictive on cell c (warm-up,
+// runSoak runs one long measured run of policy (default ai_predictive) on cell c (warm-up,
 // then measured for o.measured), sampling the heap, goroutines and the
 // prefix indexes every `every`, and prints the curve and whether it grew:
 // the mean of the last third of the samples against the first third.
-func runSoak(o matrixOptions, c cell, every time.Duration, out io.Writer) error {
-	policies, err := matrixPolicies("")
+func runSoak(o matrixOptions, c cell, policy string, every time.Duration, out io.Writer) error {
+	policies, err := matrixPolicies(policy)
 	if err != nil {
 		return err
+	}
+	p := policies[0]
+	if policy != "" {
+		p = policies[len(policies)-1]
+		for _, q := range policies {
+			if q.name == policy {
+				p = q
+			}
+		}
 	}
 	start := time.Now()
 	var samples []soakSample
@@ -61,13 +70,13 @@ func runSoak(o matrixOptions, c cell, every time.Duration, out io.Writer) error 
 		}
 	}()
 	c.compare = nil
-	r, err := runOnce(o, c, policies[0], 1)
+	r, err := runOnce(o, c, p, 1)
 	close(stop)
 	<-done
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "# Soak: %s, ai_predictive, %v measured after %v warm-up, engine speeds ×%g\n\n", c.name, o.measured, o.warmup, o.timeScale)
+	fmt.Fprintf(out, "# Soak: %s, %s, %v measured after %v warm-up, engine speeds ×%g\n\n", c.name, p.name, o.measured, o.warmup, o.timeScale)
 	fmt.Fprintf(out, "%d requests, %d errors; TTFT p50 %s p99 %s, E2E p50 %s p99 %s\n\n", r.requests, r.errors, ms(r.ttftP50), ms(r.ttftP99), ms(r.e2eP50), ms(r.e2eP99))
 	fmt.Fprintln(out, "| time | heap (MiB, after GC) | goroutines | prefix index (blocks) |")
 	fmt.Fprintln(out, "|---|---|---|---|")
