@@ -305,15 +305,14 @@ func finite(f float64) float64 {
 
 func (adminAPI) handleList(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
-		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET", r.Method)}
+		return notAllowed(w, r, "GET", "GET")
 	}
 	return writeJSON(w, View(time.Now()))
 }
 
 func (adminAPI) handleOne(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodPatch {
-		w.Header().Set("Allow", "GET, PATCH")
-		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET or PATCH", r.Method)}
+		return notAllowed(w, r, "GET, PATCH", "GET or PATCH")
 	}
 	addr, err := url.PathUnescape(strings.TrimPrefix(r.URL.Path, "/aibalance/upstreams/"))
 	if err != nil || addr == "" || strings.Contains(addr, "/") {
@@ -386,6 +385,12 @@ func readPatch(r *http.Request) (upstreamPatch, error) {
 	return p, nil
 }
 
+// notAllowed answers 405 with the Allow header and what to use instead.
+func notAllowed(w http.ResponseWriter, r *http.Request, allow, use string) error {
+	w.Header().Set("Allow", allow)
+	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use %s", r.Method, use)}
+}
+
 func writeJSON(w http.ResponseWriter, v any) error {
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
@@ -438,8 +443,7 @@ func (adminAPI) handlePools(w http.ResponseWriter, r *http.Request) error {
 	parts := strings.Split(rest, "/")
 	if rest == "" {
 		if r.Method != http.MethodGet {
-			w.Header().Set("Allow", "GET")
-			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET", r.Method)}
+			return notAllowed(w, r, "GET", "GET")
 		}
 		out := []DynamicPoolView{}
 		for _, p := range AllDynamicPools() {
@@ -458,14 +462,12 @@ func (adminAPI) handlePools(w http.ResponseWriter, r *http.Request) error {
 	switch {
 	case len(parts) == 1:
 		if r.Method != http.MethodGet {
-			w.Header().Set("Allow", "GET")
-			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use GET", r.Method)}
+			return notAllowed(w, r, "GET", "GET")
 		}
 		return writeJSON(w, dynamicPoolView(p, now))
 	case len(parts) == 2 && parts[1] == "members":
 		if r.Method != http.MethodPost {
-			w.Header().Set("Allow", "POST")
-			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use POST with {\"address\": \"host:port\"}", r.Method)}
+			return notAllowed(w, r, "POST", `POST with {"address": "host:port"}`)
 		}
 		var req memberRequest
 		dec := json.NewDecoder(io.LimitReader(r.Body, maxPatchBody))
@@ -492,8 +494,7 @@ func (adminAPI) handlePools(w http.ResponseWriter, r *http.Request) error {
 		return writeJSON(w, dynamicPoolView(p, now))
 	case len(parts) == 3 && parts[1] == "members":
 		if r.Method != http.MethodDelete {
-			w.Header().Set("Allow", "DELETE")
-			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: use DELETE", r.Method)}
+			return notAllowed(w, r, "DELETE", "DELETE")
 		}
 		addr, err := url.PathUnescape(parts[2])
 		if err != nil {

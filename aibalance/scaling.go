@@ -153,12 +153,12 @@ func (p *Pool) evaluateScaling(c ScalingConfig, now time.Time) (ScalingStatus, i
 		if !ok {
 			continue // removed
 		}
-		out, _, _ := b.Ejected(now)
-		if Draining(a) || b.CoolingDown(now) || out || b.breakerOpen(now) {
+		u, out := b.Load(now)
+		if out {
 			continue
 		}
 		current++
-		demand += b.Utilisation(now)
+		demand += u
 	}
 	s := &p.scaling
 	s.mu.Lock()

@@ -252,11 +252,18 @@ func (p *Pool) RefreshTiers(now time.Time) {
 		if !ok {
 			return 1, true
 		}
-		if out, _, _ := b.Ejected(now); out || Draining(addr) || b.CoolingDown(now) || b.breakerOpen(now) {
-			return 1, true
-		}
-		return b.Utilisation(now), false
+		return b.Load(now)
 	})
+}
+
+// Load is the backend's utilisation (see Utilisation) for the tiers and
+// the scaling signal, and whether it is out: draining, cooling down,
+// ejected or its breaker open (then its utilisation counts as 1).
+func (b *Backend) Load(now time.Time) (float64, bool) {
+	if out, _, _ := b.Ejected(now); out || Draining(b.addr) || b.CoolingDown(now) || b.breakerOpen(now) {
+		return 1, true
+	}
+	return b.Utilisation(now), false
 }
 
 // TierStatus is the pool's standby state for the admin view.

@@ -29,8 +29,7 @@ type UIData struct {
 // serveUI answers the page, or data.json for a path ending in it.
 func serveUI(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		w.Header().Set("Allow", "GET, HEAD")
-		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errMethodUI}
+		return notAllowed(w, r, "GET, HEAD", "GET (the dashboard)")
 	}
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("X-Content-Type-Options", "nosniff")
@@ -44,12 +43,6 @@ func serveUI(w http.ResponseWriter, r *http.Request) error {
 	_, err := w.Write(uiPage)
 	return err
 }
-
-var errMethodUI = methodError("method not allowed: the dashboard answers GET")
-
-type methodError string
-
-func (e methodError) Error() string { return string(e) }
 
 func init() {
 	caddy.RegisterModule(UIHandler{})

@@ -2,7 +2,6 @@ package aicaddyfile
 
 import (
 	"strconv"
-	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -11,6 +10,7 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/aibalance/caddy-aibalance/aibalance"
+	"github.com/aibalance/caddy-aibalance/selection"
 )
 
 func init() {
@@ -142,7 +142,7 @@ func parseScaling(d *caddyfile.Dispenser) (*aibalance.ScalingConfig, error) {
 		case "webhook":
 			sc.Webhook = val
 		case "target_utilisation", "hysteresis":
-			v, err := share(val)
+			v, err := selection.ParseShare(val)
 			if err != nil || v <= 0 || v > 1 || (key == "hysteresis" && v >= 0.5) {
 				return nil, d.Errf("scaling %s: want a share such as 0.7 or 70%% (hysteresis below 50%%), got %q", key, val)
 			}
@@ -182,13 +182,4 @@ func parseScaling(d *caddyfile.Dispenser) (*aibalance.ScalingConfig, error) {
 		return nil, d.Err(err.Error())
 	}
 	return sc, nil
-}
-
-// share reads 0.7 or 70%.
-func share(s string) (float64, error) {
-	if strings.HasSuffix(s, "%") {
-		v, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
-		return v / 100, err
-	}
-	return strconv.ParseFloat(s, 64)
 }

@@ -3,8 +3,6 @@ package integration
 import (
 	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"strings"
 	"testing"
 
@@ -17,15 +15,7 @@ import (
 
 func adminGet(t *testing.T, method, path string) (int, []byte) {
 	t.Helper()
-	req, _ := http.NewRequest(method, "http://localhost:2999"+path, nil)
-	req.Header.Set("Origin", "http://localhost:2999")
-	res, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	b, _ := io.ReadAll(res.Body)
-	return res.StatusCode, b
+	return adminSend(t, method, path, "")
 }
 
 // TestAdminUpstreams: the admin API shows, per backend, its load, counters,

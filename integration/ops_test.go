@@ -38,15 +38,22 @@ func adminSend(t *testing.T, method, path, body string) (int, []byte) {
 	return res.StatusCode, b
 }
 
+// adminJSON GETs path from the admin endpoint and decodes its answer,
+// which must be 200.
+func adminJSON[T any](t *testing.T, path string) T {
+	t.Helper()
+	status, body := adminGet(t, http.MethodGet, path)
+	var v T
+	if status != 200 || json.Unmarshal(body, &v) != nil {
+		t.Fatalf("GET %s: %d %s", path, status, body)
+	}
+	return v
+}
+
 // upstreamView fetches the admin view of one upstream.
 func upstreamView(t *testing.T, addr string) aibalance.UpstreamView {
 	t.Helper()
-	status, body := adminGet(t, http.MethodGet, "/aibalance/upstreams/"+addr)
-	var v aibalance.UpstreamView
-	if status != 200 || json.Unmarshal(body, &v) != nil {
-		t.Fatalf("GET %s: %d %s", addr, status, body)
-	}
-	return v
+	return adminJSON[aibalance.UpstreamView](t, "/aibalance/upstreams/"+addr)
 }
 
 // shares sends n short requests, workers at a time, and counts them by the
@@ -284,12 +291,7 @@ func TestMetrics(t *testing.T) {
 // poolView fetches GET /aibalance/pools/{name}.
 func poolView(t *testing.T, name string) aibalance.DynamicPoolView {
 	t.Helper()
-	status, body := adminGet(t, http.MethodGet, "/aibalance/pools/"+name)
-	var v aibalance.DynamicPoolView
-	if status != 200 || json.Unmarshal(body, &v) != nil {
-		t.Fatalf("GET pool %s: %d %s", name, status, body)
-	}
-	return v
+	return adminJSON[aibalance.DynamicPoolView](t, "/aibalance/pools/"+name)
 }
 
 func memberOf(v aibalance.DynamicPoolView, addr string) (aibalance.DynamicMemberView, bool) {

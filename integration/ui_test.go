@@ -95,11 +95,7 @@ func TestDashboardInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatalf("reading the page: %v", err)
 	}
-	status, body := adminGet(t, http.MethodGet, "/aibalance/upstreams")
-	var view aibalance.UpstreamsView
-	if status != 200 || json.Unmarshal(body, &view) != nil {
-		t.Fatalf("admin view: %d %s", status, body)
-	}
+	view := adminJSON[aibalance.UpstreamsView](t, "/aibalance/upstreams")
 	byAddr := map[string]aibalance.UpstreamView{}
 	for _, u := range view.Upstreams {
 		byAddr[u.Address] = u

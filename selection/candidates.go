@@ -68,16 +68,12 @@ func (c *candidates) tierOpen(pool reverseproxy.UpstreamPool) int {
 	}
 	return c.pool.OpenTier(c.now, members, func(addr string) (float64, bool) {
 		b := c.set.Get(addr)
-		if b.CoolingDown(c.now) || aibalance.Draining(addr) {
-			return 1, true
-		}
-		if out, _, _ := b.Ejected(c.now); out {
-			return 1, true
-		}
+		// a half-open breaker whose probes are taken is out for this
+		// request too, beyond what Load sees
 		if br := healthcheck.Of(b); br != nil && c.health.BreakerOn() && !br.Allow(c.now, c.health) {
 			return 1, true
 		}
-		return b.Utilisation(c.now), false
+		return b.Load(c.now)
 	})
 }
 

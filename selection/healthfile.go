@@ -369,7 +369,7 @@ func (t *Transport) unmarshalTopology(d *caddyfile.Dispenser) (bool, error) {
 		if len(args) != 1 {
 			return true, d.ArgErr()
 		}
-		v, err := parseShare(args[0])
+		v, err := ParseShare(args[0])
 		if err != nil || v <= 0 || v > 1 {
 			return true, d.Errf("standby_threshold: want a utilisation from 0 to 1 or 1%% to 100%%, got %q", args[0])
 		}
@@ -406,8 +406,8 @@ func (t *Transport) unmarshalTopology(d *caddyfile.Dispenser) (bool, error) {
 	return true, nil
 }
 
-// parseShare reads 0.8 or 80%.
-func parseShare(s string) (float64, error) {
+// ParseShare reads a share written as 0.8 or 80%.
+func ParseShare(s string) (float64, error) {
 	if strings.HasSuffix(s, "%") {
 		v, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
 		return v / 100, err
