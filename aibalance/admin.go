@@ -68,10 +68,14 @@ type PoolView struct {
 	// tier open, the utilisation of the open tiers, and why.
 	Tiers *TierStatus `json:"tiers,omitempty"`
 	// Scaling is the pool's scaling signal (see ScalingConfig).
-	Scaling     *ScalingStatus `json:"scaling,omitempty"`
-	PriorTTFT   float64        `json:"prior_ttft_s"`
-	PriorTPOT   float64        `json:"prior_tpot_s"`
-	RecentTotal float64        `json:"recent_requests_per_s"`
+	Scaling *ScalingStatus `json:"scaling,omitempty"`
+	// Admission is the pool's admission queue (see Admission), when on.
+	Admission *AdmissionStats `json:"admission,omitempty"`
+	// RateLimited counts requests refused by the rate limits.
+	RateLimited uint64  `json:"rate_limited,omitempty"`
+	PriorTTFT   float64 `json:"prior_ttft_s"`
+	PriorTPOT   float64 `json:"prior_tpot_s"`
+	RecentTotal float64 `json:"recent_requests_per_s"`
 }
 
 // UpstreamView is the balancer's view of one upstream.
@@ -168,6 +172,11 @@ func View(now time.Time) UpstreamsView {
 		if st := p.Scaling(); st.Recommended > 0 {
 			pv.Scaling = &st
 		}
+		if p.admission.On() {
+			st := p.admission.Stats(now)
+			pv.Admission = &st
+		}
+		pv.RateLimited = p.limiter.Limited()
 		for _, m := range pv.Members {
 			if _, ok := poolOf[m]; !ok {
 				poolOf[m] = p

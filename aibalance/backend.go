@@ -197,6 +197,8 @@ type Attempt struct {
 	running   bool    // counted in streaming (a stream past its first token)
 	predTTFT  float64 // predicted TTFT at dispatch, seconds, with no wait for a slot
 	work      bool    // LLM work: may teach the model
+	// OnEnd, when set, is called once the attempt ended, with its outcome.
+	OnEnd func(Outcome)
 }
 
 // Begin records a request sent to the backend: it is counted in flight (with
@@ -344,6 +346,10 @@ func (o Outcome) Failed() bool {
 // is a clean success of LLM work. It must be called exactly once per Begin.
 func (a *Attempt) End(o Outcome, lambda float64, prior *Prior, now time.Time) {
 	b := a.b
+	if f := a.OnEnd; f != nil {
+		a.OnEnd = nil
+		defer f(o)
+	}
 	a.release()
 	if a.running {
 		a.running = false

@@ -153,6 +153,15 @@ type Features struct {
 	// Reject, when set by the policy, is the answer the transport gives
 	// instead of proxying: no backend may serve the request.
 	Reject *Reject
+	// Admitted is set once the request passed the rate limits and the
+	// admission queue (its first selection); Ticket is its admission
+	// (nil when it did not wait), Charge its rate-limit charge, settled
+	// when it ends, and RateHeaders the x-ratelimit-* headers its answer
+	// carries.
+	Admitted    bool
+	Ticket      *Ticket
+	Charge      *RateCharge
+	RateHeaders http.Header
 	// PrefixHashes[i] is the chain hash of the first (i+1) prompt blocks
 	// (at most MaxPrefixBlocks): equal hashes mean equal prefixes.
 	// Deterministic across processes.

@@ -131,9 +131,13 @@ var (
 	mRecommended = prometheus.NewDesc("caddy_aibalance_pool_recommended_primaries", "The scaling signal: recommended number of primary (tier 0) backends.", []string{"pool"}, nil)
 	mPoolCurrent = prometheus.NewDesc("caddy_aibalance_pool_primaries", "Primary backends of the pool that are not out.", []string{"pool"}, nil)
 	mPoolUtil    = prometheus.NewDesc("caddy_aibalance_pool_utilisation_ratio", "Smoothed utilisation per primary backend that is not out (above 1: requests queue).", []string{"pool"}, nil)
+	mQueued      = prometheus.NewDesc("caddy_aibalance_pool_queue_length", "Requests waiting in the pool's admission queue.", []string{"pool"}, nil)
+	mQueueWait   = prometheus.NewDesc("caddy_aibalance_pool_queue_wait_seconds", "How long admitted requests waited in the admission queue (those that waited).", []string{"pool"}, nil)
+	mQueueOut    = prometheus.NewDesc("caddy_aibalance_pool_queue_rejected_total", "Requests the admission queue answered 503: queue full or predicted wait too long (overloaded), waited max_wait (timeout), client gone (canceled).", []string{"pool", "reason"}, nil)
+	mRateLimited = prometheus.NewDesc("caddy_aibalance_pool_rate_limited_total", "Requests answered 429 by the pool's per-key rate limits.", []string{"pool"}, nil)
 )
 
-var allDescs = []*prometheus.Desc{mRecommended, mPoolCurrent, mPoolUtil, mRequests, mInflight, mResponses, mErrors, mTTFT, mE2E, mPromptTokens, mOutputTokens, mState,
+var allDescs = []*prometheus.Desc{mRecommended, mPoolCurrent, mPoolUtil, mQueued, mQueueWait, mQueueOut, mRateLimited, mRequests, mInflight, mResponses, mErrors, mTTFT, mE2E, mPromptTokens, mOutputTokens, mState,
 	mCooldowns, mEjections, mWeight, mWaiting, mRunning, mKV, mPredError, mPredTTFT, mPredE2E, mPrefixTokens, mPrefixTrust}
 
 // collector exposes every backend of the store.
@@ -148,6 +152,17 @@ func (collector) Describe(ch chan<- *prometheus.Desc) {
 func (collector) Collect(ch chan<- prometheus.Metric) {
 	now := time.Now()
 	for _, p := range AllPools() {
+		if a := &p.admission; a.On() {
+			ch <- prometheus.MustNewConstMetric(mQueued, prometheus.GaugeValue, float64(a.Queued()), p.key)
+			buckets, n, sum := a.wait.snapshot()
+			ch <- prometheus.MustNewConstHistogram(mQueueWait, n, sum, buckets, p.key)
+			ch <- prometheus.MustNewConstMetric(mQueueOut, prometheus.CounterValue, float64(a.overloaded.Load()), p.key, "overloaded")
+			ch <- prometheus.MustNewConstMetric(mQueueOut, prometheus.CounterValue, float64(a.timedOut.Load()), p.key, "timeout")
+			ch <- prometheus.MustNewConstMetric(mQueueOut, prometheus.CounterValue, float64(a.canceled.Load()), p.key, "canceled")
+		}
+		if p.limiter.On() {
+			ch <- prometheus.MustNewConstMetric(mRateLimited, prometheus.CounterValue, float64(p.limiter.Limited()), p.key)
+		}
 		st := p.Scaling()
 		if st.Recommended == 0 {
 			continue // not evaluated yet

@@ -33,6 +33,9 @@ type Pool struct {
 	tiers    tierState
 	openTier atomic.Int32
 	scaling  scalingState
+	// admission control (see admission.go)
+	admission Admission
+	limiter   RateLimiter
 }
 
 // SetAffinity turns prefix affinity on or off for the pool.
@@ -117,7 +120,7 @@ func (p *Pool) Weight(addr string) float64 {
 // AcquirePool takes a reference to the pool with key, creating it.
 func AcquirePool(key string) *Pool {
 	v, _, _ := pools.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return &Pool{key: key}, nil
+		return NewPool(key), nil
 	})
 	return v.(*Pool)
 }
@@ -212,7 +215,12 @@ func (t *Tried) Reset() { *t = Tried{} }
 
 // NewPool returns a pool outside the process-wide set, for programs and
 // tests that route without a Caddy config.
-func NewPool(key string) *Pool { return &Pool{key: key} }
+func NewPool(key string) *Pool {
+	p := &Pool{key: key}
+	p.admission.capacity = p.FreeSlots
+	p.admission.drain = p.DrainRate
+	return p
+}
 
 // triedVarKey holds the tried set of a request whose features no policy
 // read (weighted_least_conn does not need them).

@@ -317,3 +317,6 @@ func (b *Backend) Utilisation(now time.Time) float64 {
 	}
 	return u
 }
+
+// OpenTierNow is the highest tier open at the last check (see OpenTier).
+func (p *Pool) OpenTierNow() int { return int(p.openTier.Load()) }

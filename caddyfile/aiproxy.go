@@ -60,6 +60,10 @@ const (
 //	    retry_status       <status...>|off
 //	    model_discovery    <interval>|off
 //
+//	    # overload protection and per-key limits (see transport aibalance)
+//	    admission  off | { max_queue <n>  max_wait <d>  key <key>  weight <value> <w>  priority_header <name>|off }
+//	    rate_limit { key <key>  requests_per_minute <n>  tokens_per_minute <n>  max_keys <n> }
+//
 //	    # and every reverse_proxy subdirective, unchanged
 //	}
 //
@@ -193,6 +197,15 @@ func applyEngine(tok caddyfile.Token, rp *reverseproxy.Handler, eng *selection.T
 	}
 	if err := t.Topology.Validate(); err != nil {
 		return errAt(tok, "ai_proxy: %v", err)
+	}
+	if (eng.Admission != nil && t.Admission != nil) || (eng.RateLimit != nil && t.RateLimit != nil) {
+		return errAt(tok, "ai_proxy: give admission and rate_limit either in the block or in transport aibalance, not both")
+	}
+	if eng.Admission != nil {
+		t.Admission = eng.Admission
+	}
+	if eng.RateLimit != nil {
+		t.RateLimit = eng.RateLimit
 	}
 	if eng.Engine != "" {
 		t.Engine = eng.Engine

@@ -314,7 +314,7 @@ var topologyKeys = map[string]bool{
 func (t *Transport) unmarshalTopology(d *caddyfile.Dispenser) (bool, error) {
 	key := d.Val()
 	if !topologyKeys[key] {
-		return false, nil
+		return t.unmarshalLimits(d)
 	}
 	if t.Topology == nil {
 		t.Topology = new(aibalance.Topology)

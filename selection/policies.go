@@ -192,6 +192,9 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 	if !p.body.allow(r) {
 		return nil
 	}
+	if rej := p.gate(r, f, pool); rej != nil {
+		return p.answer(r, f, rej, pool)
+	}
 	now := p.clock()
 	c := p.begin(r, f, now)
 	prior := p.pool.Prior()
@@ -395,6 +398,9 @@ func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Re
 	if !p.body.allow(r) {
 		return nil
 	}
+	if rej := p.gate(r, f, pool); rej != nil {
+		return p.answer(r, f, rej, pool)
+	}
 	now := time.Now()
 	c := p.begin(r, f, now)
 	add := float64(f.Tokens())
@@ -593,6 +599,16 @@ func (l *learner) finish(c *candidates, pool reverseproxy.UpstreamPool, best *re
 		return nil
 	}
 	c.f.Reject = rej
+	return pool[0] // not dialled: the transport answers
+}
+
+// answer lets the transport give rej for the policy (see finish).
+func (l *learner) answer(r *http.Request, f *aibalance.Features, rej *aibalance.Reject, pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
+	if len(pool) == 0 {
+		return nil
+	}
+	l.begin(r, f, time.Now())
+	f.Reject = rej
 	return pool[0] // not dialled: the transport answers
 }
 

@@ -77,6 +77,17 @@ type Transport struct {
 	// is saturated or out, and zone-aware preference.
 	Topology *aibalance.Topology `json:"topology,omitempty"`
 
+	// Admission is the handler's overload protection (see
+	// aibalance.Admission): while every backend is saturated, requests of
+	// LLM work wait at the balancer in a bounded queue, fair between keys,
+	// instead of in the engines' queues. Its policies (ai_predictive,
+	// least_tokens) do the waiting. Default: on, 1024 requests, 30s.
+	Admission *aibalance.AdmissionConfig `json:"admission,omitempty"`
+
+	// RateLimit is the handler's per-key request and token limits (see
+	// aibalance.RateLimiter). Default: none.
+	RateLimit *aibalance.RateLimitConfig `json:"rate_limit,omitempty"`
+
 	app   *aibalance.App
 	set   aibalance.BackendSet
 	pool  *aibalance.Pool // the handler's, for requests no policy of ours routed
@@ -129,6 +140,8 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 		topo = *t.Topology
 	}
 	t.pool.SetTopology(topo)
+	t.pool.Admission().Configure(t.Admission)
+	t.pool.Limiter().Configure(t.RateLimit)
 	if h := aibalance.Handler(ctx); h != nil && len(h.Upstreams) > 0 {
 		static := map[string]bool{}
 		for _, a := range aibalance.HandlerUpstreams(ctx) {
@@ -181,6 +194,12 @@ func (t *Transport) Validate() error {
 		return fmt.Errorf("transport aibalance: %w", err)
 	}
 	if err := t.Topology.Validate(); err != nil {
+		return fmt.Errorf("transport aibalance: %w", err)
+	}
+	if err := t.Admission.Check(); err != nil {
+		return fmt.Errorf("transport aibalance: %w", err)
+	}
+	if err := t.RateLimit.Check(); err != nil {
 		return fmt.Errorf("transport aibalance: %w", err)
 	}
 	return nil
@@ -239,7 +258,13 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if pool != nil && f.Reject != nil {
 		rej := f.Reject
 		f.Reject = nil
-		return rejectResponse(req, f.API, rej), nil
+		if tk := f.Ticket; tk != nil {
+			f.Ticket = nil
+			tk.Began(t.clock())
+		}
+		res := rejectResponse(req, f.API, rej)
+		addHeaders(res.Header, f.RateHeaders)
+		return res, nil
 	}
 	if req.Method == http.MethodGet && req.URL.Path == "/v1/models" {
 		if res := t.modelList(req, pool); res != nil {
@@ -277,6 +302,18 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		b.RecordPrefix(f, cached, bt, t.app.PrefixLimit())
 	}
 	att := b.BeginCached(f, cached, pool.Prior(), start)
+	if tk := f.Ticket; tk != nil {
+		// an admitted request is now counted in flight: the next may go
+		f.Ticket = nil
+		tk.Began(start)
+	}
+	if ch := f.Charge; ch != nil {
+		att.OnEnd = func(o aibalance.Outcome) {
+			if o.Status >= 200 && o.Status < 300 && !o.Failed() {
+				ch.Settle(o.OutputTokens)
+			}
+		}
+	}
 	// retry reports whether Caddy's loop will try this request again
 	// elsewhere if the transport hands it a dial error: attempts left, a
 	// body it can send again (nothing of it read, for a refused dial), and
@@ -363,6 +400,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	fb.stop()
+	addHeaders(res.Header, f.RateHeaders)
 	switch {
 	case f.OwnerLost:
 		res.Header.Set("X-Aibalance-Affinity", "lost: the backend that stored the previous response is unavailable")
@@ -393,6 +431,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // end ends an attempt: its backend's counters and model, and its breaker.
 func (t *Transport) end(att *aibalance.Attempt, o aibalance.Outcome, prior *aibalance.Prior, probe bool, now time.Time) {
 	att.End(o, t.app.Lambda(), prior, now)
+	t.pool.Admission().Kick(now) // a slot may have freed
 	hc := t.pool.Health()
 	healthcheck.For(att.Backend()).Record(o, probe, now, hc, t.logger)
 	if hc.OutlierFactor > 1 && t.pool.Due(now, healthcheck.OutlierInterval) {
@@ -560,4 +599,12 @@ func keysOf[V any](m map[string]V) map[string]bool {
 		out[k] = true
 	}
 	return out
+}
+
+// addHeaders sets each of h's headers on dst (the x-ratelimit-* headers of
+// a rate-limited handler).
+func addHeaders(dst, h http.Header) {
+	for k, v := range h {
+		dst[k] = v
+	}
 }

@@ -16,16 +16,21 @@ type soakSample struct {
 	goroutines  int
 	prefixIndex int // prompt blocks held by every backend's prefix index
 	backends    int
+	detail      string // per backend: requests since the last sample, in flight, pending, batch seen, slots
 }
 
-func sampleSoak(start time.Time) soakSample {
+func sampleSoak(start time.Time, last map[string]uint64) soakSample {
 	runtime.GC()
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	s := soakSample{at: time.Since(start).Round(time.Second), heapMiB: float64(m.HeapAlloc) / (1 << 20), goroutines: runtime.NumGoroutine()}
+	now := time.Now()
 	for _, b := range aibalance.AllBackends() {
 		s.prefixIndex += b.PrefixBlocks()
 		s.backends++
+		st, ls := b.Stats(), b.State(now)
+		s.detail += fmt.Sprintf(" [%s +%d in %d pend %.0f run %.0f kv %.2f qw %.2fs slots %d]", b.Addr(), st.Requests-last[b.Addr()], st.Inflight, ls.Pending, ls.Running, ls.KV, ls.QueueWait, b.Slots(now))
+		last[b.Addr()] = st.Requests
 	}
 	return s
 }
@@ -54,6 +59,7 @@ func runSoak(o matrixOptions, c cell, policy string, every time.Duration, out io
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		last := map[string]uint64{}
 		t := time.NewTicker(every)
 		defer t.Stop()
 		for {
@@ -61,10 +67,10 @@ func runSoak(o matrixOptions, c cell, policy string, every time.Duration, out io
 			case <-stop:
 				return
 			case <-t.C:
-				s := sampleSoak(start)
+				s := sampleSoak(start, last)
 				samples = append(samples, s)
 				if o.progress != nil {
-					fmt.Fprintf(o.progress, "bench: soak %v: heap %.1f MiB, %d goroutines, prefix index %d blocks over %d backends\n", s.at, s.heapMiB, s.goroutines, s.prefixIndex, s.backends)
+					fmt.Fprintf(o.progress, "bench: soak %v: heap %.1f MiB, %d goroutines, prefix index %d blocks over %d backends;%s\n", s.at, s.heapMiB, s.goroutines, s.prefixIndex, s.backends, s.detail)
 				}
 			}
 		}

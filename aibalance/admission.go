@@ -1,0 +1,586 @@
+package aibalance
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// Admission control: when every backend of a pool is saturated, a new
+// request waits at the balancer, in a bounded queue, instead of joining an
+// engine's queue. Waiting here binds the request late: it goes to whichever
+// backend frees a slot first, chosen by the model then, not to the engine
+// whose queue looked shortest when it arrived; and the queue is fair
+// between users where an engine's is first come, first served.
+//
+// A backend is saturated when it is out (draining, cooling down, ejected,
+// breaker open), when its requests in flight fill the batch it was last
+// seen saturated at (see Backend.Slots: learned from the waits the balancer
+// observes and from the engine's running count), or when its fresh engine
+// metrics show a queue with the KV cache nearly full. What is not known to
+// be full is not: without evidence nothing waits.
+//
+// Order: a higher priority (a request header) first; within a priority,
+// start-time fair queuing between keys (the API key, a header, the user or
+// the client address), each key's share in proportion to its weight; within
+// a key, first come first served.
+//
+// Bounds: the queue holds at most MaxQueue requests, and a request waits
+// at most MaxWait. A request that finds the queue full, or whose wait the
+// pool's drain rate predicts to exceed MaxWait, is answered at once (503,
+// server_overloaded, with Retry-After: the predicted wait); one that waited
+// MaxWait gets the same answer.
+
+// Admission defaults.
+const (
+	DefaultMaxQueue       = 1024
+	DefaultMaxWait        = 30 * time.Second
+	DefaultPriorityHeader = "X-Priority"
+	admissionTick         = 50 * time.Millisecond
+	transitTimeout        = time.Second
+	maxPriority           = 1000
+)
+
+// AdmissionConfig is a pool's admission control (JSON under the policy's
+// "admission").
+type AdmissionConfig struct {
+	// Off turns admission control off: requests go to the engines' queues.
+	Off bool `json:"off,omitempty"`
+	// MaxQueue bounds the requests waiting. Default: 1024.
+	MaxQueue int `json:"max_queue,omitempty"`
+	// MaxWait bounds one request's wait. Default: 30s.
+	MaxWait caddy.Duration `json:"max_wait,omitempty"`
+	// Key tells users apart for fairness (see KeySpec). Default: api_key.
+	Key *KeySpec `json:"key,omitempty"`
+	// Weights gives keys shares other than 1, by the key's value (the API
+	// key, the header's value, the user or the client address).
+	Weights map[string]float64 `json:"weights,omitempty"`
+	// PriorityHeader names the request header whose integer value (higher
+	// first, -1000 to 1000, default 0) orders the queue. Default:
+	// X-Priority; "-" ignores priorities.
+	PriorityHeader string `json:"priority_header,omitempty"`
+}
+
+// KeySpec names what a request's key is: "api_key" (the bearer token of
+// Authorization, or x-api-key / api-key; else the client address),
+// "user" (the body's user field, else the client address), "ip" (the
+// client address Caddy determined, trusted proxies applied), or "header"
+// with Header naming the header (else the client address).
+type KeySpec struct {
+	Source string `json:"source,omitempty"`
+	Header string `json:"header,omitempty"`
+}
+
+// Check reports a key spec that cannot work.
+func (k *KeySpec) Check() error {
+	if k == nil {
+		return nil
+	}
+	switch k.Source {
+	case "", "api_key", "user", "ip":
+		if k.Header != "" {
+			return fmt.Errorf("key %s takes no header name", k.Source)
+		}
+	case "header":
+		if k.Header == "" {
+			return fmt.Errorf("key header needs a header name")
+		}
+	default:
+		return fmt.Errorf("unknown key %q: want api_key, user, ip or header <name>", k.Source)
+	}
+	return nil
+}
+
+// Of returns the request's key value (never empty: the client address
+// stands in for a missing one).
+func (k *KeySpec) Of(r *http.Request, f *Features) string {
+	src := "api_key"
+	if k != nil && k.Source != "" {
+		src = k.Source
+	}
+	switch src {
+	case "api_key":
+		if v := APIKey(r); v != "" {
+			return v
+		}
+	case "user":
+		if f != nil && f.User != "" {
+			return f.User
+		}
+	case "header":
+		if v := r.Header.Get(k.Header); v != "" {
+			return v
+		}
+	}
+	return ClientIP(r)
+}
+
+// APIKey is the request's API key: the bearer token of Authorization, or
+// x-api-key (Anthropic) or api-key (Azure OpenAI); "" when none.
+func APIKey(r *http.Request) string {
+	if a := r.Header.Get("Authorization"); a != "" {
+		if len(a) > 7 && strings.EqualFold(a[:7], "bearer ") {
+			return strings.TrimSpace(a[7:])
+		}
+		return a
+	}
+	if v := r.Header.Get("X-Api-Key"); v != "" {
+		return v
+	}
+	return r.Header.Get("Api-Key")
+}
+
+// ClientIP is the client's address as Caddy determined it (trusted proxies
+// applied), else the connection's remote address without its port.
+func ClientIP(r *http.Request) string {
+	if ip, ok := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ok && ip != "" {
+		return ip
+	}
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+// KeyHash is the map key of a key value: a raw API key is never kept.
+func KeyHash(v string) uint64 {
+	h := uint64(14695981039346656037)
+	for i := 0; i < len(v); i++ {
+		h ^= uint64(v[i])
+		h *= 1099511628211
+	}
+	h ^= h >> 33
+	h *= 0xff51afd7ed558ccd
+	h ^= h >> 33
+	return h
+}
+
+// Priority is the request's priority from the header named (0 when
+// absent, malformed or the header is "-"), clamped to ±1000.
+func Priority(r *http.Request, header string) int {
+	if header == "-" {
+		return 0
+	}
+	if header == "" {
+		header = DefaultPriorityHeader
+	}
+	v := r.Header.Get(header)
+	if v == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(v))
+	if err != nil {
+		return 0
+	}
+	return min(max(n, -maxPriority), maxPriority)
+}
+
+type admissionSettings struct {
+	off            bool
+	maxQueue       int
+	maxWait        time.Duration
+	key            *KeySpec
+	weights        map[uint64]float64
+	priorityHeader string
+}
+
+// waiter is one queued request.
+type waiter struct {
+	key      uint64
+	prio     int
+	tag      float64
+	enqueued time.Time
+	ready    chan struct{} // closed when admitted
+	admitted bool          // under Admission.mu
+	gone     bool          // left without admission (under mu)
+}
+
+// flow is the waiting requests of one key at one priority, in order.
+type flow struct {
+	key   uint64
+	prio  int
+	items []*waiter
+	last  float64 // finish tag of the key's latest request
+}
+
+// Admission is a pool's admission queue. The request path touches it only
+// through atomics while nothing waits.
+type Admission struct {
+	settings atomic.Pointer[admissionSettings]
+	queued   atomic.Int64
+	capacity func(now time.Time) int // free slots over the pool (see Pool.FreeSlots)
+	drain    func(now time.Time) float64
+
+	mu      sync.Mutex
+	flows   map[uint64]*flow // by key ^ priority
+	vtime   float64
+	transit int // admitted, not yet sent
+	transAt time.Time
+	ticking bool
+
+	admitted, overloaded, timedOut, canceled atomic.Uint64
+	wait                                     latencyHist // of admitted requests that waited
+}
+
+// Configure applies cfg (nil: the defaults).
+func (a *Admission) Configure(cfg *AdmissionConfig) {
+	s := &admissionSettings{maxQueue: DefaultMaxQueue, maxWait: DefaultMaxWait, priorityHeader: DefaultPriorityHeader}
+	if cfg != nil {
+		s.off = cfg.Off
+		if cfg.MaxQueue > 0 {
+			s.maxQueue = cfg.MaxQueue
+		}
+		if cfg.MaxWait > 0 {
+			s.maxWait = time.Duration(cfg.MaxWait)
+		}
+		s.key = cfg.Key
+		if cfg.PriorityHeader != "" {
+			s.priorityHeader = cfg.PriorityHeader
+		}
+		if len(cfg.Weights) > 0 {
+			s.weights = make(map[uint64]float64, len(cfg.Weights))
+			for k, w := range cfg.Weights {
+				s.weights[KeyHash(k)] = w
+			}
+		}
+	}
+	a.settings.Store(s)
+}
+
+// Check reports an admission config that cannot work.
+func (cfg *AdmissionConfig) Check() error {
+	if cfg == nil {
+		return nil
+	}
+	if cfg.MaxQueue < 0 {
+		return fmt.Errorf("admission: max_queue must not be negative")
+	}
+	if cfg.MaxWait < 0 {
+		return fmt.Errorf("admission: max_wait must not be negative")
+	}
+	for k, w := range cfg.Weights {
+		if !(w > 0) || math.IsInf(w, 0) {
+			return fmt.Errorf("admission: weight of %q must be positive", k)
+		}
+	}
+	return cfg.Key.Check()
+}
+
+// On reports whether the queue is in use.
+func (a *Admission) On() bool {
+	s := a.settings.Load()
+	return s != nil && !s.off
+}
+
+// Queued is the number of requests waiting.
+func (a *Admission) Queued() int64 { return a.queued.Load() }
+
+// Ticket is one request's passage through admission: Began must be called
+// once it was sent (or given up), so the next waiter may go.
+type Ticket struct {
+	a    *Admission
+	done bool
+}
+
+// Began marks the admitted request as sent: its slot is now counted in
+// flight by its backend.
+func (t *Ticket) Began(now time.Time) {
+	if t == nil || t.done || t.a == nil {
+		return
+	}
+	t.done = true
+	a := t.a
+	a.mu.Lock()
+	if a.transit > 0 {
+		a.transit--
+	}
+	a.mu.Unlock()
+	a.Kick(now)
+}
+
+// Wait queues a request of key and priority until the pool has a free
+// slot for it, ctx ends, or its wait bound runs out. It returns a ticket
+// when admitted, else the answer to give: nil for a canceled request.
+func (a *Admission) Wait(ctx context.Context, r *http.Request, f *Features, now time.Time) (*Ticket, *Reject) {
+	s := a.settings.Load()
+	key := KeyHash(s.key.Of(r, f))
+	prio := Priority(r, s.priorityHeader)
+	weight := 1.0
+	if w, ok := s.weights[key]; ok {
+		weight = w
+	}
+	a.mu.Lock()
+	n := a.queued.Load()
+	if n >= int64(s.maxQueue) {
+		a.mu.Unlock()
+		a.overloaded.Add(1)
+		return nil, a.overload(now, n, s, "the balancer's queue is full")
+	}
+	// the wait predicted from the pool's drain rate: requests ahead of
+	// this one (all of them, a conservative bound for a lower priority)
+	if rate := a.drain(now); n > 0 && rate > 0 {
+		if est := time.Duration(float64(n+1) / rate * float64(time.Second)); est > s.maxWait {
+			a.mu.Unlock()
+			a.overloaded.Add(1)
+			return nil, a.overload(now, n, s, "the predicted wait exceeds max_wait")
+		}
+	}
+	w := &waiter{key: key, prio: prio, enqueued: now, ready: make(chan struct{})}
+	id := key ^ uint64(int64(prio))*0x9e3779b97f4a7c15
+	fl := a.flows[id]
+	if fl == nil {
+		if a.flows == nil {
+			a.flows = map[uint64]*flow{}
+		}
+		fl = &flow{key: key, prio: prio}
+		a.flows[id] = fl
+	}
+	w.tag = max(a.vtime, fl.last) + 1/weight
+	fl.last = w.tag
+	fl.items = append(fl.items, w)
+	a.queued.Add(1)
+	if !a.ticking {
+		a.ticking = true
+		go a.tick()
+	}
+	a.pumpLocked(now)
+	a.mu.Unlock()
+
+	timer := time.NewTimer(s.maxWait - time.Since(now))
+	defer timer.Stop()
+	select {
+	case <-w.ready:
+		return a.admit(w), nil
+	case <-timer.C:
+	case <-ctx.Done():
+	}
+	a.mu.Lock()
+	if w.admitted {
+		a.mu.Unlock()
+		return a.admit(w), nil
+	}
+	w.gone = true
+	a.remove(id, w)
+	a.mu.Unlock()
+	if ctx.Err() != nil {
+		a.canceled.Add(1)
+		return nil, nil
+	}
+	a.timedOut.Add(1)
+	return nil, a.overload(time.Now(), a.queued.Load(), s, "the request waited max_wait")
+}
+
+func (a *Admission) admit(w *waiter) *Ticket {
+	a.admitted.Add(1)
+	a.wait.observe(time.Since(w.enqueued))
+	return &Ticket{a: a}
+}
+
+// overload is the answer to a request the queue cannot take: 503 with a
+// Retry-After of the predicted time for the queue to drain.
+func (a *Admission) overload(now time.Time, queued int64, s *admissionSettings, why string) *Reject {
+	after := s.maxWait
+	if rate := a.drain(now); rate > 0 {
+		after = time.Duration(float64(queued+1) / rate * float64(time.Second))
+	}
+	after = max(min(after, 10*s.maxWait), time.Second)
+	return &Reject{
+		Status: http.StatusServiceUnavailable, Type: "server_overloaded", Code: "server_overloaded",
+		Message:    "every backend is busy and " + why + "; retry after the time given",
+		RetryAfter: after,
+	}
+}
+
+// remove takes w out of its flow (under mu).
+func (a *Admission) remove(id uint64, w *waiter) {
+	fl := a.flows[id]
+	if fl == nil {
+		return
+	}
+	for i, x := range fl.items {
+		if x == w {
+			fl.items = append(fl.items[:i], fl.items[i+1:]...)
+			a.queued.Add(-1)
+			break
+		}
+	}
+	if len(fl.items) == 0 {
+		delete(a.flows, id)
+	}
+}
+
+// Kick admits waiting requests if the pool has room; call it when a slot
+// may have freed (an attempt ended).
+func (a *Admission) Kick(now time.Time) {
+	if a == nil || a.queued.Load() == 0 {
+		return
+	}
+	a.mu.Lock()
+	a.pumpLocked(now)
+	a.mu.Unlock()
+}
+
+// pumpLocked admits waiters in order while the pool has free slots not
+// already promised to admitted requests on their way.
+func (a *Admission) pumpLocked(now time.Time) {
+	if a.queued.Load() == 0 {
+		return
+	}
+	if a.transit > 0 && now.Sub(a.transAt) > transitTimeout {
+		a.transit = 0 // a ticket lost on the way (never Began)
+	}
+	free := a.capacity(now) - a.transit
+	for free > 0 && a.queued.Load() > 0 {
+		var next *flow
+		var nid uint64
+		for id, fl := range a.flows {
+			h := fl.items[0]
+			if next == nil || h.prio > next.prio || (h.prio == next.prio && (h.tag < next.items[0].tag || (h.tag == next.items[0].tag && h.enqueued.Before(next.items[0].enqueued)))) {
+				next, nid = fl, id
+			}
+		}
+		w := next.items[0]
+		next.items = next.items[1:]
+		if len(next.items) == 0 {
+			delete(a.flows, nid)
+		}
+		a.queued.Add(-1)
+		a.vtime = max(a.vtime, w.tag)
+		w.admitted = true
+		close(w.ready)
+		a.transit++
+		a.transAt = now
+		free--
+	}
+}
+
+// tick re-checks the pool while requests wait: slots free without an
+// attempt of this pool ending (another instance's traffic, a backend back
+// from a cooldown, fresh engine metrics).
+func (a *Admission) tick() {
+	t := time.NewTicker(admissionTick)
+	defer t.Stop()
+	for now := range t.C {
+		a.mu.Lock()
+		if a.queued.Load() == 0 {
+			a.ticking = false
+			a.mu.Unlock()
+			return
+		}
+		a.pumpLocked(now)
+		a.mu.Unlock()
+	}
+}
+
+// AdmissionStats is the queue's state for the admin view.
+type AdmissionStats struct {
+	On         bool    `json:"on"`
+	Queued     int64   `json:"queued"`
+	Admitted   uint64  `json:"admitted_after_wait"`
+	Overloaded uint64  `json:"rejected_overloaded"`
+	TimedOut   uint64  `json:"rejected_timed_out"`
+	Canceled   uint64  `json:"canceled_waiting"`
+	WaitP50    float64 `json:"wait_p50_seconds"`
+	WaitP99    float64 `json:"wait_p99_seconds"`
+	DrainRate  float64 `json:"drain_rate_per_second"`
+	FreeSlots  int     `json:"free_slots"` // 1<<20: not known to be bounded
+}
+
+// Stats returns the queue's state.
+func (a *Admission) Stats(now time.Time) AdmissionStats {
+	st := AdmissionStats{
+		On: a.On(), Queued: a.queued.Load(), Admitted: a.admitted.Load(), Overloaded: a.overloaded.Load(),
+		TimedOut: a.timedOut.Load(), Canceled: a.canceled.Load(),
+		WaitP50: a.wait.quantile(0.5), WaitP99: a.wait.quantile(0.99),
+	}
+	if a.drain != nil {
+		st.DrainRate = a.drain(now)
+	}
+	if a.capacity != nil {
+		st.FreeSlots = a.capacity(now)
+	}
+	return st
+}
+
+// Admission is the pool's admission queue; it is off until the pool's
+// policy configures it (see Admission.Configure).
+func (p *Pool) Admission() *Admission { return &p.admission }
+
+// unbounded is a free capacity not known to be bounded.
+const unbounded = 1 << 20
+
+// FreeSlots is how many more requests the pool's backends take before
+// every one of them is saturated (see Backend.FreeSlots).
+func (p *Pool) FreeSlots(now time.Time) int {
+	free := 0
+	for _, addr := range p.Members() {
+		b, ok := LookupBackend(addr)
+		if !ok {
+			continue
+		}
+		if p.HasTiers() && p.Tier(addr) > p.OpenTierNow() {
+			continue // a standby tier not open
+		}
+		free += b.FreeSlots(now)
+		if free >= unbounded {
+			return unbounded
+		}
+	}
+	return free
+}
+
+// DrainRate is how many requests per second the pool finishes, for the
+// wait a queued request is told to expect: the rate its backends took
+// requests over the last seconds, or, before there is one, what the
+// learned completion times say their known batches finish.
+func (p *Pool) DrainRate(now time.Time) float64 {
+	rate, model := 0.0, 0.0
+	for _, addr := range p.Members() {
+		b, ok := LookupBackend(addr)
+		if !ok {
+			continue
+		}
+		rate += b.RecentRate(now)
+		if slots := b.Slots(now); slots > 0 {
+			if e2e := math.Float64frombits(b.e2eEWMA.Load()); e2e > 0 {
+				model += float64(slots) / e2e
+			}
+		}
+	}
+	if rate > 0 {
+		return rate
+	}
+	return model
+}
+
+// kvFull is the KV cache use past which an engine with a queue is taken
+// as full (a queue beside a KV cache with room is a step's arrivals).
+const kvFull = 0.9
+
+// FreeSlots is how many more requests the backend takes before it is
+// saturated: 0 when it is out or full, its known batch capacity minus
+// what is in flight, or unbounded when nothing says it is bounded.
+func (b *Backend) FreeSlots(now time.Time) int {
+	if _, out := b.Load(now); out {
+		return 0
+	}
+	if m, fresh := b.Engine(now); fresh && m.HasWaiting && m.Waiting >= 1 && m.HasKV && m.KVUsage >= kvFull {
+		return 0
+	}
+	if slots := b.Slots(now); slots > 0 {
+		s := b.State(now)
+		return max(int(float64(slots)-s.Inflight), 0)
+	}
+	return unbounded
+}

@@ -1,0 +1,228 @@
+package selection
+
+import (
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/aibalance/caddy-aibalance/aibalance"
+)
+
+// gate passes a request of LLM work through the handler's rate limits and
+// its admission queue (see aibalance.Admission), once: on its first
+// selection. It waits while every backend of the pool is saturated, and
+// returns the answer to give when the request may not go. Only the
+// plugin's transport can give that answer, so without it nothing is
+// limited or queued.
+func (l *learner) gate(r *http.Request, f *aibalance.Features, pool reverseproxy.UpstreamPool) *aibalance.Reject {
+	if f.Admitted || !l.ours || f.API == aibalance.APINone {
+		return nil
+	}
+	f.Admitted = true
+	now := time.Now()
+	if lim := l.pool.Limiter(); lim.On() {
+		ch, h, rej := lim.Take(r, f, now)
+		f.RateHeaders = h
+		if rej != nil {
+			return rej
+		}
+		f.Charge = ch
+	}
+	adm := l.pool.Admission()
+	if !adm.On() || (adm.Queued() == 0 && l.anyFree(pool, now)) {
+		return nil
+	}
+	t, rej := adm.Wait(r.Context(), r, f, now)
+	if t != nil {
+		f.Ticket = t
+		return nil
+	}
+	f.Charge.Refund()
+	if rej == nil { // the client left while waiting
+		rej = &aibalance.Reject{Status: http.StatusServiceUnavailable, Type: "server_overloaded", Code: "canceled", Message: "the request was canceled while waiting for a backend"}
+	}
+	return rej
+}
+
+// anyFree reports whether some available backend of pool, in an open
+// tier, is not saturated; it stops at the first.
+func (l *learner) anyFree(pool reverseproxy.UpstreamPool, now time.Time) bool {
+	tiers := l.pool.HasTiers()
+	open := l.pool.OpenTierNow()
+	for _, u := range pool {
+		if !u.Available() || (tiers && l.pool.Tier(u.Dial) > open) {
+			continue
+		}
+		if l.set.Get(u.Dial).FreeSlots(now) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// unmarshalLimits parses admission and rate_limit, reporting whether d
+// was at one:
+//
+//	admission off | {
+//	    max_queue       <n>
+//	    max_wait        <duration>
+//	    key             api_key|user|ip|header <name>
+//	    weight          <key value> <w>
+//	    priority_header <name>|off
+//	}
+//	rate_limit {
+//	    key                 api_key|user|ip|header <name>
+//	    requests_per_minute <n>
+//	    tokens_per_minute   <n>
+//	    max_keys            <n>
+//	}
+func (t *Transport) unmarshalLimits(d *caddyfile.Dispenser) (bool, error) {
+	key := d.Val()
+	if key != "admission" && key != "rate_limit" {
+		return false, nil
+	}
+	if t.seen == nil {
+		t.seen = map[string]bool{}
+	}
+	if t.seen[key] {
+		return true, d.Errf("%s already specified", key)
+	}
+	t.seen[key] = true
+	args := d.RemainingArgs()
+	if key == "admission" {
+		a := new(aibalance.AdmissionConfig)
+		t.Admission = a
+		switch {
+		case len(args) == 1 && args[0] == "off":
+			a.Off = true
+			if d.NextBlock(d.Nesting()) {
+				return true, d.Err("admission off takes no block")
+			}
+			return true, nil
+		case len(args) > 0:
+			return true, d.Errf("admission: want `off` or a block, got %q", args[0])
+		}
+		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			sub := d.Val()
+			vals := d.RemainingArgs()
+			one := func() (string, error) {
+				if len(vals) != 1 {
+					return "", d.Errf("admission %s: want one value", sub)
+				}
+				return vals[0], nil
+			}
+			switch sub {
+			case "max_queue":
+				v, err := one()
+				if err != nil {
+					return true, err
+				}
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 1 {
+					return true, d.Errf("admission max_queue: want a positive count, got %q", v)
+				}
+				a.MaxQueue = n
+			case "max_wait":
+				v, err := one()
+				if err != nil {
+					return true, err
+				}
+				dur, err := caddy.ParseDuration(v)
+				if err != nil || dur <= 0 {
+					return true, d.Errf("admission max_wait: want a positive duration, got %q", v)
+				}
+				a.MaxWait = caddy.Duration(dur)
+			case "key":
+				k, err := parseKey(d, vals)
+				if err != nil {
+					return true, err
+				}
+				a.Key = k
+			case "weight":
+				if len(vals) != 2 {
+					return true, d.Err("admission weight: want weight <key value> <w>")
+				}
+				w, err := strconv.ParseFloat(vals[1], 64)
+				if err != nil || !(w > 0) || math.IsInf(w, 0) {
+					return true, d.Errf("admission weight: want a positive number, got %q", vals[1])
+				}
+				if a.Weights == nil {
+					a.Weights = map[string]float64{}
+				}
+				a.Weights[vals[0]] = w
+			case "priority_header":
+				v, err := one()
+				if err != nil {
+					return true, err
+				}
+				if v == "off" {
+					v = "-"
+				}
+				a.PriorityHeader = v
+			default:
+				return true, d.Errf("unrecognized admission option %q", sub)
+			}
+		}
+		return true, a.Check()
+	}
+	if len(args) > 0 {
+		return true, d.ArgErr()
+	}
+	rl := new(aibalance.RateLimitConfig)
+	t.RateLimit = rl
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		vals := d.RemainingArgs()
+		if sub == "key" {
+			k, err := parseKey(d, vals)
+			if err != nil {
+				return true, err
+			}
+			rl.Key = k
+			continue
+		}
+		if len(vals) != 1 {
+			return true, d.Errf("rate_limit %s: want one value", sub)
+		}
+		n, err := strconv.Atoi(vals[0])
+		if err != nil || n < 1 {
+			return true, d.Errf("rate_limit %s: want a positive count, got %q", sub, vals[0])
+		}
+		switch sub {
+		case "requests_per_minute":
+			rl.RequestsPerMinute = n
+		case "tokens_per_minute":
+			rl.TokensPerMinute = n
+		case "max_keys":
+			rl.MaxKeys = n
+		default:
+			return true, d.Errf("unrecognized rate_limit option %q", sub)
+		}
+	}
+	if err := rl.Check(); err != nil {
+		return true, d.Err(err.Error())
+	}
+	return true, nil
+}
+
+// parseKey parses a key's arguments: api_key, user, ip or header <name>.
+func parseKey(d *caddyfile.Dispenser, vals []string) (*aibalance.KeySpec, error) {
+	k := new(aibalance.KeySpec)
+	switch {
+	case len(vals) == 2 && vals[0] == "header":
+		k.Source, k.Header = "header", vals[1]
+	case len(vals) == 1 && vals[0] != "header":
+		k.Source = vals[0]
+	default:
+		return nil, d.Err("key: want api_key, user, ip or header <name>")
+	}
+	if err := k.Check(); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	return k, nil
+}
