@@ -132,13 +132,14 @@ const (
 
 // rls is a recursive-least-squares fit of y = θ·x with forgetting factor λ.
 type rls struct {
-	theta  [modelDims]float64
-	p      [modelDims][modelDims]float64
-	p0     [modelDims]float64 // initial diagonal, for the windup cap
-	scale  [eqKinds]float64   // running mean absolute residual per equation kind
-	ymag   [eqKinds]float64   // running mean absolute target per equation kind
-	bias   [eqKinds]float64   // running mean of the scaled, signed residuals
-	resets int64              // covariance resets on a detected change
+	theta    [modelDims]float64
+	p        [modelDims][modelDims]float64
+	p0       [modelDims]float64 // initial diagonal, for the windup cap
+	scale    [eqKinds]float64   // running mean absolute residual per equation kind
+	ymag     [eqKinds]float64   // running mean absolute target per equation kind
+	bias     [eqKinds]float64   // running mean of the scaled, signed residuals
+	resets   int64              // covariance resets on a detected change
+	restarts int64              // covariance restarts after rounding broke it
 }
 
 func newRLS(pTTFT, pTPOT float64) rls {
@@ -202,13 +203,17 @@ func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 		r.resets++
 	}
 
-	var px [modelDims]float64
-	for i := 0; i < modelDims; i++ {
-		for j := 0; j < modelDims; j++ {
-			px[i] += r.p[i][j] * x[j]
-		}
+	px := r.px(&x)
+	xpx := dot(&x, &px)
+	if !(xpx >= 0) || math.IsInf(xpx, 0) {
+		// P is a covariance: xᵀPx < 0 means rounding in thousands of
+		// rank-one updates made it indefinite, and the gain below would
+		// throw θ anywhere. Restart the covariance (θ is kept).
+		r.restartCovariance()
+		px = r.px(&x)
+		xpx = dot(&x, &px)
 	}
-	denom := lambda + dot(&x, &px)
+	denom := lambda + xpx
 	if denom <= 0 || math.IsNaN(denom) || math.IsInf(denom, 0) {
 		return
 	}
@@ -217,6 +222,18 @@ func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 		r.theta[i] += k * e
 		for j := 0; j < modelDims; j++ {
 			r.p[i][j] = (r.p[i][j] - k*px[j]) / lambda
+		}
+	}
+	// the update is symmetric in exact arithmetic only: keep P symmetric,
+	// and restart it if rounding left a variance that is not positive
+	for i := 0; i < modelDims; i++ {
+		for j := i + 1; j < modelDims; j++ {
+			v := (r.p[i][j] + r.p[j][i]) / 2
+			r.p[i][j], r.p[j][i] = v, v
+		}
+		if !(r.p[i][i] > 0) || math.IsInf(r.p[i][i], 0) {
+			r.restartCovariance()
+			break
 		}
 	}
 	// windup: forgetting inflates the variance of coefficients the data
@@ -232,6 +249,44 @@ func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 			}
 		}
 	}
+}
+
+// px is P·x.
+func (r *rls) px(x *[modelDims]float64) [modelDims]float64 {
+	var px [modelDims]float64
+	for i := 0; i < modelDims; i++ {
+		for j := 0; j < modelDims; j++ {
+			px[i] += r.p[i][j] * x[j]
+		}
+	}
+	return px
+}
+
+// restartCovariance sets P back to its starting diagonal: every
+// coefficient as uncertain as at the start, θ kept.
+func (r *rls) restartCovariance() {
+	r.p = [modelDims][modelDims]float64{}
+	for i := 0; i < modelDims; i++ {
+		r.p[i][i] = r.p0[i]
+	}
+	r.restarts++
+}
+
+// maxCoefSpread bounds a coefficient, in starting standard deviations
+// (each about twice the pool's typical TTFT or TPOT): a coefficient past
+// it (an hour per pending request, say) is a fit gone numerically wrong,
+// not a backend.
+const maxCoefSpread = 1e4
+
+// diverged reports a fit that must start over: a coefficient that is not
+// a number or is past maxCoefSpread.
+func (r *rls) diverged() bool {
+	for i, v := range r.theta {
+		if math.IsNaN(v) || math.IsInf(v, 0) || math.Abs(v) > maxCoefSpread*math.Sqrt(r.p0[i]) {
+			return true
+		}
+	}
+	return false
 }
 
 // fit is a published copy of the regression, read without a lock.
@@ -267,10 +322,14 @@ type Model struct {
 
 	published atomic.Pointer[fit]
 	resets    atomic.Int64
-	samples   atomic.Int64
-	lastSeen  atomic.Int64 // unix nanoseconds of the last observation
-	mape      atomic.Uint64
-	errCount  atomic.Int64
+	// restarts counts numerical repairs: covariance restarts and fits
+	// started over after diverging (see rls.update, rls.diverged)
+	restarts    atomic.Int64
+	divergences atomic.Int64
+	samples     atomic.Int64
+	lastSeen    atomic.Int64 // unix nanoseconds of the last observation
+	mape        atomic.Uint64
+	errCount    atomic.Int64
 }
 
 // Prior is a pool's expectation for backends the model does not know yet:
@@ -504,8 +563,15 @@ func (m *Model) Observe(o Observation, lambda float64, prior *Prior, now time.Ti
 	} else {
 		m.r.update(query(o.State, o.PromptTokens, 1, out), max(e2e-q, 0), lambda, eqE2E)
 	}
+	if m.r.diverged() {
+		restarts, resets := m.r.restarts, m.r.resets
+		m.r = newRLS(prior.values())
+		m.r.restarts, m.r.resets = restarts+1, resets
+		m.divergences.Add(1)
+	}
 	m.published.Store(&fit{theta: m.r.theta, p: m.r.p})
 	m.resets.Store(m.r.resets)
+	m.restarts.Store(m.r.restarts)
 	if o.Predicted > 0 {
 		ape := math.Abs(o.Predicted.Seconds()-e2e) / e2e
 		slot := m.apeN % errWindow
@@ -543,6 +609,11 @@ type ModelStats struct {
 	// Changes is how many times the model saw the backend's speed change
 	// (residuals of one sign) and widened its uncertainty to re-learn.
 	Changes int64 `json:"changes_detected"`
+	// Repairs is how many times rounding broke the fit's covariance and
+	// it was restarted, or the fit diverged and started over from the
+	// pool's prior (Diverged of them).
+	Repairs  int64 `json:"numeric_repairs"`
+	Diverged int64 `json:"diverged"`
 	// LastObserved is when the model last learned from a request.
 	LastObserved time.Time `json:"last_observed,omitzero"`
 }
@@ -552,6 +623,8 @@ func (m *Model) Stats() ModelStats {
 	st := ModelStats{
 		Samples:    m.samples.Load(),
 		Changes:    m.resets.Load(),
+		Repairs:    m.restarts.Load(),
+		Diverged:   m.divergences.Load(),
 		MAPE:       math.Float64frombits(m.mape.Load()),
 		MAPEWindow: m.errCount.Load(),
 	}

@@ -140,3 +140,73 @@ func TestPriorLearnsFromWholeAnswers(t *testing.T) {
 		t.Fatalf("prior TPOT %v after 400 whole answers at 5 ms a token; it started at %v", tpot, tpot0)
 	}
 }
+
+// TestModelStaysSaneOverLongRuns: 200000 observations of an engine whose
+// first-token time has a knee at its batch limit (no linear term fits it),
+// with 5% noise and outliers, streams and whole answers mixed, through
+// alternating minutes of a full batch — pending, running, KV and the batch
+// limit moving together — and of light load: the regime of a long soak,
+// where rounding in the covariance update had let it lose its symmetry and
+// the fit ran off (a fast engine predicted at hours, then starved). The
+// fit must stay finite, its covariance symmetric, and its predictions of
+// each phase's states within a factor of two.
+func TestModelStaysSaneOverLongRuns(t *testing.T) {
+	var m Model
+	var p Prior
+	r := rand.New(rand.NewPCG(7, 9))
+	now := time.Unix(1000, 0)
+	state := func(busy bool) (LoadState, int, int) {
+		load := float64(r.IntN(4))
+		if busy {
+			load = 10 + float64(r.IntN(14))
+		}
+		run := min(load, 16)
+		pending := max(load-16, 0) + float64(r.IntN(2))
+		s := LoadState{Inflight: load, Running: run, Pending: pending, PendingTokens: pending * float64(500+r.IntN(3000)), KV: min(run/16+0.05*r.Float64(), 1), Beyond: max(load+1-16, 0)}
+		return s, 200 + r.IntN(6000), 20 + r.IntN(300)
+	}
+	truth := func(s LoadState, prompt, out int) (time.Duration, time.Duration) {
+		ttft, e2e := synthetic(s, prompt, out, 5)
+		knee := time.Duration(s.Beyond * s.Beyond * float64(8*time.Millisecond))
+		noise := 1 + 0.05*r.NormFloat64()
+		if r.IntN(100) == 0 {
+			noise *= 10
+		}
+		return time.Duration(float64(ttft+knee) * noise), time.Duration(float64(e2e+knee) * noise)
+	}
+	for phase := 0; phase < 20; phase++ {
+		busy := phase%2 == 0
+		for i := 0; i < 10000; i++ {
+			s, prompt, out := state(busy)
+			ttft, e2e := truth(s, prompt, out)
+			m.Observe(Observation{State: s, Stream: r.IntN(4) > 0, PromptTokens: prompt, OutputTokens: out, TTFT: ttft, E2E: e2e}, 1-1.0/512, &p, now)
+			now = now.Add(20 * time.Millisecond)
+		}
+		worst := 0.0
+		for i := 0; i < 200; i++ {
+			s, prompt, out := state(busy)
+			ttft, e2e := synthetic(s, prompt, out, 5)
+			want := e2e + time.Duration(s.Beyond*s.Beyond*float64(8*time.Millisecond))
+			_ = ttft
+			got := m.Predict(s, prompt, out, &p, now).E2E
+			worst = max(worst, math.Abs(math.Log(got.Seconds()/want.Seconds())))
+		}
+		st := m.Stats()
+		if testing.Verbose() || worst > math.Ln2 {
+			t.Logf("phase %d (busy %v): worst error ×%.2f, repairs %d, diverged %d, θ ttft %.4g %.4g %.4g %.4g %.4g %.4g %.4g tpot %.4g %.4g",
+				phase, busy, math.Exp(worst), st.Repairs, st.Diverged, st.TTFTBase, st.TTFTPerPending, st.TTFTPerPendingKTokens, st.TTFTPerKPrompt, st.TTFTPerKVUsage, st.TTFTPerRunning, st.TTFTPerBeyond, st.TPOTBase, st.TPOTPerRunning)
+		}
+		m.mu.Lock()
+		for i := range modelDims {
+			for j := range modelDims {
+				if m.r.p[i][j] != m.r.p[j][i] {
+					t.Fatalf("phase %d: covariance not symmetric at %d,%d: %g vs %g", phase, i, j, m.r.p[i][j], m.r.p[j][i])
+				}
+			}
+		}
+		m.mu.Unlock()
+		if worst > math.Ln2 || math.IsNaN(worst) {
+			t.Fatalf("phase %d: a prediction off by ×%.1f", phase, math.Exp(worst))
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/aibalance/caddy-aibalance/aibalance"
+	"github.com/aibalance/caddy-aibalance/healthcheck"
 )
 
 // soakSample is the process's state at one time of a soak.
@@ -25,11 +26,28 @@ func sampleSoak(start time.Time, last map[string]uint64) soakSample {
 	runtime.ReadMemStats(&m)
 	s := soakSample{at: time.Since(start).Round(time.Second), heapMiB: float64(m.HeapAlloc) / (1 << 20), goroutines: runtime.NumGoroutine()}
 	now := time.Now()
+	prior := aibalance.NewPool("soak").Prior()
+	for _, p := range aibalance.AllPools() {
+		if len(p.Members()) > 0 {
+			prior = p.Prior()
+		}
+	}
 	for _, b := range aibalance.AllBackends() {
 		s.prefixIndex += b.PrefixBlocks()
 		s.backends++
 		st, ls := b.Stats(), b.State(now)
-		s.detail += fmt.Sprintf(" [%s +%d in %d pend %.0f run %.0f kv %.2f qw %.2fs slots %d]", b.Addr(), st.Requests-last[b.Addr()], st.Inflight, ls.Pending, ls.Running, ls.KV, ls.QueueWait, b.Slots(now))
+		hs := "-"
+		if br := healthcheck.Of(b); br != nil {
+			hs = fmt.Sprint(br.Status(now).State)
+		}
+		_, out := b.Load(now)
+		ej, _, _ := b.Ejected(now)
+		idle := b.Model().Predict(aibalance.LoadState{}, 2000, 100, prior, now)
+		here := b.Model().Predict(ls, 2000, 100, prior, now)
+		m := st.Model
+		s.detail += fmt.Sprintf(" [%s +%d in %d pend %.0f run %.0f kv %.2f qw %.2fs slots %d | out %v ej %v br %s fr %.2f n %d rep %d/%d ch %d idle %.3f/%.1fms here %.3f/%.1fms | θ %.3g %.3g %.3g %.3g %.3g %.3g %.3g ; %.3g %.3g]", b.Addr(), st.Requests-last[b.Addr()], st.Inflight, ls.Pending, ls.Running, ls.KV, ls.QueueWait, b.Slots(now),
+			out, ej, hs, st.FailureRate, m.Samples, m.Repairs, m.Diverged, m.Changes, idle.TTFT.Seconds(), idle.TPOT.Seconds()*1000, here.TTFT.Seconds(), here.TPOT.Seconds()*1000,
+			m.TTFTBase, m.TTFTPerPending, m.TTFTPerPendingKTokens, m.TTFTPerKPrompt, m.TTFTPerKVUsage, m.TTFTPerRunning, m.TTFTPerBeyond, m.TPOTBase, m.TPOTPerRunning)
 		last[b.Addr()] = st.Requests
 	}
 	return s

@@ -1,0 +1,300 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddytest"
+
+	"github.com/aibalance/caddy-aibalance/aibalance"
+	"github.com/aibalance/caddy-aibalance/llmsim"
+)
+
+// answer is one request's result as a client saw it.
+type answer struct {
+	status     int
+	took       time.Duration
+	retryAfter string
+	code       string
+	headers    http.Header
+	err        error
+}
+
+// post sends one streaming chat request of key with max_tokens and reads
+// the answer whole.
+func post(ctx context.Context, url, key string, maxTokens int, prio string) answer {
+	body := llmsim.ChatBody("", "hello there, "+key, maxTokens, true)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader(string(body)))
+	req.Header.Set("Content-Type", "application/json")
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
+	if prio != "" {
+		req.Header.Set("X-Priority", prio)
+	}
+	start := time.Now()
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return answer{err: err, took: time.Since(start)}
+	}
+	raw, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	a := answer{status: res.StatusCode, took: time.Since(start), retryAfter: res.Header.Get("Retry-After"), headers: res.Header, err: err}
+	if res.StatusCode != 200 {
+		var e struct {
+			Error struct{ Code string }
+		}
+		_ = json.Unmarshal(raw, &e)
+		a.code = e.Error.Code
+	}
+	return a
+}
+
+// poolOf returns the admin view of the pool whose members include addr.
+func poolOf(t *testing.T, addr string) aibalance.PoolView {
+	t.Helper()
+	v := adminJSON[aibalance.UpstreamsView](t, "/aibalance/upstreams")
+	for _, p := range v.Pools {
+		if slices.Contains(p.Members, addr) {
+			return p
+		}
+	}
+	t.Fatalf("no pool holds %s", addr)
+	return aibalance.PoolView{}
+}
+
+// engineQueue samples the engines' waiting queues every 10 ms until stop
+// and returns their mean total and the largest total seen.
+func engineQueue(p *llmsim.Pool, stop <-chan struct{}) (mean float64, peak int) {
+	var sum, n int
+	for {
+		select {
+		case <-stop:
+			if n == 0 {
+				return 0, 0
+			}
+			return float64(sum) / float64(n), peak
+		case <-time.After(10 * time.Millisecond):
+		}
+		w := 0
+		for _, s := range p.Servers {
+			w += s.Stats().Waiting
+		}
+		sum += w
+		n++
+		peak = max(peak, w)
+	}
+}
+
+// closedLoop runs workers clients, each sending one request after another
+// until ctx ends; a client told to retry waits pause first.
+func closedLoop(ctx context.Context, url string, workers, maxTokens int, pause time.Duration) []answer {
+	var mu sync.Mutex
+	var out []answer
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				rctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				a := post(rctx, url, fmt.Sprintf("user-%d", w%4), maxTokens, "")
+				cancel()
+				mu.Lock()
+				out = append(out, a)
+				mu.Unlock()
+				if a.status != 200 {
+					select {
+					case <-ctx.Done():
+					case <-time.After(pause):
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+func quantile(ds []time.Duration, q float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[min(int(q*float64(len(s))), len(s)-1)]
+}
+
+// TestAdmissionHoldsTheQueue: twelve clients on two engines of two batch
+// slots each. With admission off the surplus waits in the engines'
+// queues; with it on (the default), once the balancer has learned the
+// engines' batch size it waits at the balancer instead: the engines'
+// queues stay shorter, and nothing fails either way.
+func TestAdmissionHoldsTheQueue(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	cfg := llmsim.Config{MaxRunning: 2}
+	run := func(block string) (mean float64, peak int, out []answer, view aibalance.PoolView) {
+		p := pool(t, cfg, cfg)
+		url := aiProxy(t, tester, upstreams(p), "\t\tmetrics_interval 100ms\n"+block) + "/v1/chat/completions"
+		drive(t, url, 8, 2, 20) // warm: the model learns the engines
+		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
+		defer cancel()
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(1500 * time.Millisecond) // measure once the batch size is learned
+			mean, peak = engineQueue(p, stop)
+		}()
+		out = closedLoop(ctx, url, 12, 30, 50*time.Millisecond)
+		close(stop)
+		wg.Wait()
+		return mean, peak, out, poolOf(t, p.Addrs()[0])
+	}
+	offMean, offPeak, offOut, _ := run("\t\tadmission off")
+	onMean, onPeak, onOut, view := run("")
+	for name, out := range map[string][]answer{"off": offOut, "on": onOut} {
+		for _, a := range out {
+			if a.status != 200 || a.err != nil {
+				t.Fatalf("admission %s: a request failed: %d %v %s", name, a.status, a.err, a.code)
+			}
+		}
+	}
+	var onTook, offTook []time.Duration
+	for _, a := range onOut {
+		onTook = append(onTook, a.took)
+	}
+	for _, a := range offOut {
+		offTook = append(offTook, a.took)
+	}
+	adm := view.Admission
+	if adm == nil {
+		t.Fatal("the pool view shows no admission queue")
+	}
+	t.Logf("engine queues (mean / peak, both engines): admission off %.2f / %d, on %.2f / %d; requests %d vs %d, E2E p50 %s vs %s, p99 %s vs %s; balancer queue: %d admitted after a wait (p50 %.3fs, p99 %.3fs)",
+		offMean, offPeak, onMean, onPeak, len(offOut), len(onOut), quantile(offTook, 0.5).Round(time.Millisecond), quantile(onTook, 0.5).Round(time.Millisecond),
+		quantile(offTook, 0.99).Round(time.Millisecond), quantile(onTook, 0.99).Round(time.Millisecond), adm.Admitted, adm.WaitP50, adm.WaitP99)
+	if adm.Admitted == 0 {
+		t.Fatal("no request waited at the balancer")
+	}
+	if onMean > offMean/2 {
+		t.Fatalf("the engines' queues held %.2f requests on average with admission, %.2f without: want at most half", onMean, offMean)
+	}
+	if float64(len(onOut)) < 0.8*float64(len(offOut)) {
+		t.Fatalf("admission cut throughput: %d requests served vs %d", len(onOut), len(offOut))
+	}
+}
+
+// TestBurstFiveTimesCapacity: 80 clients against 16 batch slots, with a
+// short queue: requests beyond it are answered 503 server_overloaded with
+// a Retry-After at once; the admitted keep a bounded latency; goroutines
+// and heap come back when the burst ends.
+func TestBurstFiveTimesCapacity(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	cfg := llmsim.Config{MaxRunning: 4}
+	p := pool(t, cfg, cfg, cfg, cfg)
+	url := aiProxy(t, tester, upstreams(p), "\t\tmetrics_interval 100ms\n\t\tadmission {\n\t\t\tmax_queue 16\n\t\t\tmax_wait 1s\n\t\t}") + "/v1/chat/completions"
+	drive(t, url, 16, 4, 20)
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	g0, h0 := runtime.NumGoroutine(), ms.HeapAlloc
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var peakG atomic.Int64
+	go func() {
+		for ctx.Err() == nil {
+			peakG.Store(max(peakG.Load(), int64(runtime.NumGoroutine())))
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	out := closedLoop(ctx, url, 80, 30, 100*time.Millisecond)
+	var ok, over int
+	var took []time.Duration
+	for _, a := range out {
+		switch {
+		case a.err == nil && a.status == 200:
+			ok++
+			took = append(took, a.took)
+		case a.status == http.StatusServiceUnavailable && a.code == "server_overloaded" && a.retryAfter != "":
+			over++
+		default:
+			t.Fatalf("unexpected answer: %d %v %q (Retry-After %q)", a.status, a.err, a.code, a.retryAfter)
+		}
+	}
+	view := poolOf(t, p.Addrs()[0]).Admission
+	// goroutines and heap once the burst is over
+	var g1 int
+	var h1 uint64
+	waitFor(t, func() bool {
+		runtime.GC()
+		runtime.ReadMemStats(&ms)
+		g1, h1 = runtime.NumGoroutine(), ms.HeapAlloc
+		return g1 <= g0+20
+	})
+	t.Logf("%d requests in 5 s: %d served (E2E p50 %s, p99 %s, max %s), %d answered 503 with Retry-After; queue: %d admitted after a wait (p99 %.3fs), %d overloaded, %d timed out; goroutines %d before, peak %d, %d after; heap %.1f MiB before, %.1f after",
+		len(out), ok, quantile(took, 0.5).Round(time.Millisecond), quantile(took, 0.99).Round(time.Millisecond), quantile(took, 1).Round(time.Millisecond), over,
+		view.Admitted, view.WaitP99, view.Overloaded, view.TimedOut, g0, peakG.Load(), g1, float64(h0)/(1<<20), float64(h1)/(1<<20))
+	if over == 0 || ok == 0 {
+		t.Fatalf("%d served, %d refused: want both", ok, over)
+	}
+	// the queue waits at most 1 s; one request takes about 0.3 s on a
+	// full engine: 3 s covers both on a loaded machine
+	if p99 := quantile(took, 0.99); p99 > 3*time.Second {
+		t.Fatalf("admitted requests' E2E p99 %s: the queue did not bound their wait", p99)
+	}
+	if h1 > h0+64<<20 {
+		t.Fatalf("heap grew from %d to %d bytes", h0, h1)
+	}
+}
+
+// TestRateLimits: per key, 3 requests a minute: the fourth of a key is
+// answered 429 with Retry-After and OpenAI's headers, another key is
+// served; every answer carries x-ratelimit-*; the pool view counts them.
+func TestRateLimits(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	p := pool(t, llmsim.Config{})
+	url := aiProxy(t, tester, upstreams(p), "\t\trate_limit {\n\t\t\trequests_per_minute 3\n\t\t\ttokens_per_minute 100000\n\t\t}") + "/v1/chat/completions"
+	for i := range 4 {
+		a := post(context.Background(), url, "alice", 8, "")
+		rem := a.headers.Get("X-Ratelimit-Remaining-Requests")
+		if i < 3 {
+			if a.status != 200 || rem != fmt.Sprint(2-i) || a.headers.Get("X-Ratelimit-Limit-Tokens") != "100000" {
+				t.Fatalf("request %d: %d, remaining %q, headers %v", i, a.status, rem, a.headers)
+			}
+			continue
+		}
+		t.Logf("fourth: %d %s, Retry-After %s, x-ratelimit-reset-requests %s", a.status, a.code, a.retryAfter, a.headers.Get("X-Ratelimit-Reset-Requests"))
+		if a.status != http.StatusTooManyRequests || a.code != "rate_limit_exceeded" || a.retryAfter == "" || rem != "0" {
+			t.Fatalf("fourth: %d %q Retry-After %q remaining %q", a.status, a.code, a.retryAfter, rem)
+		}
+	}
+	if a := post(context.Background(), url, "bob", 8, ""); a.status != 200 {
+		t.Fatalf("another key: %d %s", a.status, a.code)
+	}
+	// the output used is charged, not the max_tokens asked: a stream of
+	// 8 tokens leaves 100000 minus its prompt and 8 tokens
+	a := post(context.Background(), url, "carol", 8, "")
+	var rem int
+	fmt.Sscan(a.headers.Get("X-Ratelimit-Remaining-Tokens"), &rem)
+	b := post(context.Background(), url, "carol", 8, "")
+	var rem2 int
+	fmt.Sscan(b.headers.Get("X-Ratelimit-Remaining-Tokens"), &rem2)
+	if a.status != 200 || b.status != 200 || rem-rem2 > 100 || rem-rem2 <= 8 {
+		t.Fatalf("token charge of a short request: %d then %d remaining", rem, rem2)
+	}
+	if v := poolOf(t, p.Addrs()[0]); v.RateLimited != 1 {
+		t.Fatalf("pool view: %d rate limited, want 1", v.RateLimited)
+	}
+}
