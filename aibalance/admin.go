@@ -1,7 +1,9 @@
 package aibalance
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -333,7 +335,7 @@ func (adminAPI) handleOne(w http.ResponseWriter, r *http.Request) error {
 	if r.Method == http.MethodPatch {
 		p, err := readPatch(r)
 		if err != nil {
-			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+			return asAPIError(err)
 		}
 		now := time.Now()
 		SetOverride(addr, func(o *Override) {
@@ -372,18 +374,8 @@ const maxPatchBody = 64 << 10
 
 func readPatch(r *http.Request) (upstreamPatch, error) {
 	var p upstreamPatch
-	// the body is read as JSON whatever its Content-Type says (curl -d
-	// sends application/x-www-form-urlencoded)
-	dec := json.NewDecoder(io.LimitReader(r.Body, maxPatchBody+1))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&p); err != nil {
-		if err == io.EOF {
-			return p, fmt.Errorf(`empty body: want a JSON object such as {"weight": 3} or {"drain": true}`)
-		}
-		return p, fmt.Errorf(`bad JSON body: %v (want an object such as {"weight": 3} or {"drain": true})`, err)
-	}
-	if dec.More() {
-		return p, fmt.Errorf("bad JSON body: more than one value")
+	if err := readAdminJSON(r, &p, `{"weight": 3} or {"drain": true}`); err != nil {
+		return p, err
 	}
 	if p.Weight == nil && p.Drain == nil {
 		return p, fmt.Errorf(`nothing to change: give "weight" and/or "drain"`)
@@ -392,6 +384,42 @@ func readPatch(r *http.Request) (upstreamPatch, error) {
 		return p, fmt.Errorf(`"weight" must be from 0.01 to 1000 (0: back to the config's weight), got %v`, *w)
 	}
 	return p, nil
+}
+
+// readAdminJSON decodes an admin request's body, read as JSON whatever
+// its Content-Type says (curl -d sends application/x-www-form-urlencoded),
+// into v: one JSON value, no unknown fields, at most maxPatchBody bytes
+// (413 beyond). want is an example of a good body, for the error.
+func readAdminJSON(r *http.Request, v any, want string) error {
+	raw, err := io.ReadAll(io.LimitReader(r.Body, maxPatchBody+1))
+	if err != nil {
+		return fmt.Errorf("reading the body: %v", err)
+	}
+	if len(raw) > maxPatchBody {
+		return caddy.APIError{HTTPStatus: http.StatusRequestEntityTooLarge, Err: fmt.Errorf("body larger than %d bytes", maxPatchBody)}
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		if err == io.EOF {
+			return fmt.Errorf("empty body: want a JSON object such as %s", want)
+		}
+		return fmt.Errorf("bad JSON body: %v (want an object such as %s)", err, want)
+	}
+	if dec.More() {
+		return fmt.Errorf("bad JSON body: more than one value")
+	}
+	return nil
+}
+
+// asAPIError is err as the admin API's answer: its own status when it
+// has one, else 400.
+func asAPIError(err error) error {
+	var ae caddy.APIError
+	if errors.As(err, &ae) {
+		return ae
+	}
+	return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 }
 
 // notAllowed answers 405 with the Allow header and what to use instead.
@@ -479,10 +507,8 @@ func (adminAPI) handlePools(w http.ResponseWriter, r *http.Request) error {
 			return notAllowed(w, r, "POST", `POST with {"address": "host:port"}`)
 		}
 		var req memberRequest
-		dec := json.NewDecoder(io.LimitReader(r.Body, maxPatchBody))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&req); err != nil {
-			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf(`bad JSON body: %v (want {"address": "host:port"}, optionally "weight")`, err)}
+		if err := readAdminJSON(r, &req, `{"address": "host:port"}, optionally with "weight"`); err != nil {
+			return asAPIError(err)
 		}
 		if err := CheckAddress(req.Address); err != nil {
 			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}

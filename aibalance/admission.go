@@ -515,7 +515,12 @@ func (a *Admission) Stats(now time.Time) AdmissionStats {
 
 // Admission is the pool's admission queue; it is off until the pool's
 // policy configures it (see Admission.Configure).
-func (p *Pool) Admission() *Admission { return &p.admission }
+func (p *Pool) Admission() *Admission {
+	if p == nil {
+		return nil
+	}
+	return &p.admission
+}
 
 // unbounded is a free capacity not known to be bounded.
 const unbounded = 1 << 20

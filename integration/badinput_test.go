@@ -90,7 +90,7 @@ func TestBadInputPassesThrough(t *testing.T) {
 		{"100k-deep nesting", func() io.Reader { return strings.NewReader(`{"model":"m","messages":` + deep + `}`) }, 0, ""},
 		{"100k-deep nesting in a string field", func() io.Reader { return strings.NewReader(`{"model":` + deep + `,"user":` + deep + `}`) }, 0, ""},
 		{"gzip-compressed body", func() io.Reader { return bytes.NewReader(gz.Bytes()) }, 0, "gzip"},
-		{"100 MB with Content-Length", huge, 100*mb + 56, ""},
+		{"100 MB with Content-Length", huge, 100 * mb, ""},
 		{"100 MB chunked", huge, -1, ""},
 		{"empty body", func() io.Reader { return strings.NewReader("") }, 0, ""},
 	} {
@@ -106,7 +106,7 @@ func TestBadInputPassesThrough(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tc.size > 0 {
-				req.ContentLength = tc.size
+				req.ContentLength = n
 			}
 			req.Header.Set("Content-Type", "application/json")
 			if tc.encoding != "" {
@@ -146,8 +146,11 @@ func TestBadInputClearErrors(t *testing.T) {
 	raw, _ := io.ReadAll(res.Body)
 	res.Body.Close()
 	t.Logf("empty pool: %d %s", res.StatusCode, raw)
-	if res.StatusCode != http.StatusServiceUnavailable {
-		t.Fatalf("empty pool: %d %s", res.StatusCode, raw)
+	var e struct {
+		Error struct{ Code string }
+	}
+	if res.StatusCode != http.StatusServiceUnavailable || json.Unmarshal(raw, &e) != nil || e.Error.Code != "no_backend_available" || res.Header.Get("Retry-After") == "" {
+		t.Fatalf("empty pool: %d %s (Retry-After %q): want a JSON error with Retry-After", res.StatusCode, raw, res.Header.Get("Retry-After"))
 	}
 	for _, tc := range []struct {
 		method, path, body string
@@ -160,11 +163,12 @@ func TestBadInputClearErrors(t *testing.T) {
 		{http.MethodPatch, "/aibalance/upstreams/" + addr, `[]`, 400},
 		{http.MethodPatch, "/aibalance/upstreams/" + addr, "{\"weight\":\xff}", 400},
 		{http.MethodPatch, "/aibalance/upstreams/" + addr, `{"weight":2,"extra":true}`, 400},
-		{http.MethodPatch, "/aibalance/upstreams/" + addr, `{"weight":2}` + strings.Repeat(" ", 2<<20), 400},
+		{http.MethodPatch, "/aibalance/upstreams/" + addr, `{"weight":2}` + strings.Repeat(" ", 2<<20), 413},
+		{http.MethodPost, "/aibalance/pools/badinput-empty/members", `{"address":"127.0.0.1:1"}` + strings.Repeat(" ", 2<<20), 413},
 		{http.MethodPatch, "/aibalance/upstreams/10.255.255.1:1", `{"weight":2}`, 404},
 		{http.MethodPost, "/aibalance/pools/badinput-empty/members", `{"address":"not an address"}`, 400},
 		{http.MethodPost, "/aibalance/pools/badinput-empty/members", `{"address":"127.0.0.1:1","weight":-3}`, 400},
-		{http.MethodPost, "/aibalance/pools/badinput-empty/members", strings.Repeat("[", 100000), 400},
+		{http.MethodPost, "/aibalance/pools/badinput-empty/members", strings.Repeat("[", 60000), 400},
 		{http.MethodDelete, "/aibalance/pools/badinput-empty/members/127.0.0.1:9", ``, 404},
 		{http.MethodPut, "/aibalance/upstreams", ``, 405},
 	} {

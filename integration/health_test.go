@@ -43,6 +43,11 @@ func (o outcome) failed() bool { return !o.cut && (o.err != nil || o.status != 2
 // runLoad sends streaming chat requests from workers clients until ctx
 // ends (each request is bounded by 20 s) and returns what each saw.
 func runLoad(ctx context.Context, url string, workers, maxTokens int, model string) []outcome {
+	return runLoadWith(ctx, http.DefaultClient, url, workers, maxTokens, model)
+}
+
+// runLoadWith is runLoad with client.
+func runLoadWith(ctx context.Context, client *http.Client, url string, workers, maxTokens int, model string) []outcome {
 	var mu sync.Mutex
 	var out []outcome
 	var wg sync.WaitGroup
@@ -56,7 +61,7 @@ func runLoad(ctx context.Context, url string, workers, maxTokens int, model stri
 				body := llmsim.ChatBody(model, fmt.Sprintf("request %d: hello there", i), maxTokens, true)
 				rctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 				start := time.Now()
-				res, err := llmsim.Complete(rctx, http.DefaultClient, url, body)
+				res, err := llmsim.Complete(rctx, client, url, body)
 				cancel()
 				o := outcome{start: start, took: time.Since(start), status: res.Status, backend: res.Backend, err: err}
 				o.cut = err != nil && res.Status == 200

@@ -20,7 +20,7 @@ import (
 // plugin's transport can give that answer, so without it nothing is
 // limited or queued.
 func (l *learner) gate(r *http.Request, f *aibalance.Features, pool reverseproxy.UpstreamPool) *aibalance.Reject {
-	if f.Admitted || !l.ours || f.API == aibalance.APINone {
+	if f.Admitted || !l.ours || f.API == aibalance.APINone || len(pool) == 0 {
 		return nil
 	}
 	f.Admitted = true

@@ -296,6 +296,12 @@ func (c *candidates) claim(level int, u *reverseproxy.Upstream) bool {
 // of the pool's backends that list their models, 429 with Retry-After when
 // every backend that could serve it is cooling down, 503 otherwise.
 func (c *candidates) reject(pool reverseproxy.UpstreamPool) *aibalance.Reject {
+	if len(pool) == 0 {
+		return &aibalance.Reject{
+			Status: http.StatusServiceUnavailable, Type: "service_unavailable", Code: "no_backend_available",
+			Message: "this pool has no backends (a dynamic pool without members?)", RetryAfter: time.Second,
+		}
+	}
 	var served []string
 	known, serving, cooling := 0, 0, false
 	var soonest time.Time

@@ -185,9 +185,6 @@ func (p *AIPredictiveSelection) Cleanup() error {
 // that asked for a pause with Retry-After, and backends this request has
 // already failed on, are skipped while another is eligible.
 func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
-	if len(pool) == 0 {
-		return nil
-	}
 	f := p.app.Features(r)
 	if !p.body.allow(r) {
 		return nil
@@ -591,7 +588,7 @@ func (l *learner) begin(r *http.Request, f *aibalance.Features, now time.Time) c
 // last attempt otherwise; until then nil lets Caddy wait and try again
 // (lb_try_duration). Another transport cannot answer: nil.
 func (l *learner) finish(c *candidates, pool reverseproxy.UpstreamPool, best *reverseproxy.Upstream) *reverseproxy.Upstream {
-	if best != nil || !l.ours || len(pool) == 0 {
+	if best != nil || !l.ours {
 		return best
 	}
 	rej := c.reject(pool)
@@ -599,17 +596,28 @@ func (l *learner) finish(c *candidates, pool reverseproxy.UpstreamPool, best *re
 		return nil
 	}
 	c.f.Reject = rej
-	return pool[0] // not dialled: the transport answers
+	return answering(pool)
+}
+
+// nowhere is the upstream a policy returns to let the transport answer
+// for a pool with no upstreams at all (a dynamic pool without members):
+// Caddy needs one to call the transport, which answers without dialling.
+var nowhere = &reverseproxy.Upstream{Host: new(reverseproxy.Host), Dial: "no-upstream.invalid:0"}
+
+// answering is the upstream that carries the transport's own answer:
+// not dialled.
+func answering(pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
+	if len(pool) == 0 {
+		return nowhere
+	}
+	return pool[0]
 }
 
 // answer lets the transport give rej for the policy (see finish).
 func (l *learner) answer(r *http.Request, f *aibalance.Features, rej *aibalance.Reject, pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
-	if len(pool) == 0 {
-		return nil
-	}
 	l.begin(r, f, time.Now())
 	f.Reject = rej
-	return pool[0] // not dialled: the transport answers
+	return answering(pool)
 }
 
 // checkWeights refuses weights the handler's upstreams cannot match: more
