@@ -34,7 +34,14 @@ func (l *learner) gate(r *http.Request, f *aibalance.Features, pool reverseproxy
 		f.Charge = ch
 	}
 	adm := l.pool.Admission()
-	if !adm.On() || (adm.Queued() == 0 && l.anyFree(pool, now)) {
+	if !adm.On() {
+		return nil
+	}
+	if free, busy := l.slots(pool, now); !busy || (free && adm.Queued() == 0) {
+		// a slot is free and nobody waits for it; or every backend is
+		// out (cooling down, open, draining): none will free a slot by
+		// finishing a request, and the policy answers (a 429 with the
+		// cooldown's rest, a failover, a 503)
 		return nil
 	}
 	t, rej := adm.Wait(r.Context(), r, f, now)
@@ -49,20 +56,26 @@ func (l *learner) gate(r *http.Request, f *aibalance.Features, pool reverseproxy
 	return rej
 }
 
-// anyFree reports whether some available backend of pool, in an open
-// tier, is not saturated; it stops at the first.
-func (l *learner) anyFree(pool reverseproxy.UpstreamPool, now time.Time) bool {
+// slots reports whether some available backend of pool, in an open
+// tier, has a free slot (it stops at the first), and whether some is
+// busy: in, but full.
+func (l *learner) slots(pool reverseproxy.UpstreamPool, now time.Time) (free, busy bool) {
 	tiers := l.pool.HasTiers()
 	open := l.pool.OpenTierNow()
 	for _, u := range pool {
 		if !u.Available() || (tiers && l.pool.Tier(u.Dial) > open) {
 			continue
 		}
-		if l.set.Get(u.Dial).FreeSlots(now) > 0 {
-			return true
+		b := l.set.Get(u.Dial)
+		if _, out := b.Load(now); out {
+			continue
 		}
+		if b.FreeSlots(now) > 0 {
+			return true, true
+		}
+		busy = true
 	}
-	return false
+	return false, busy
 }
 
 // unmarshalLimits parses admission and rate_limit, reporting whether d
