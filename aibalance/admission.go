@@ -203,6 +203,7 @@ type waiter struct {
 	enqueued time.Time
 	ready    chan struct{} // closed when admitted
 	admitted bool          // under Admission.mu
+	evicted  bool          // pushed out of a full queue by a higher priority (under mu)
 	gone     bool          // left without admission (under mu)
 }
 
@@ -322,18 +323,19 @@ func (a *Admission) Wait(ctx context.Context, r *http.Request, f *Features, now 
 	}
 	a.mu.Lock()
 	n := a.queued.Load()
-	if n >= int64(s.maxQueue) {
+	if n >= int64(s.maxQueue) && !a.evictBelow(prio) {
 		a.mu.Unlock()
 		a.overloaded.Add(1)
 		return nil, a.overload(now, n, s, "the balancer's queue is full")
 	}
-	// the wait predicted from the pool's drain rate: requests ahead of
-	// this one (all of them, a conservative bound for a lower priority)
-	if rate := a.drain(now); n > 0 && rate > 0 {
-		if est := time.Duration(float64(n+1) / rate * float64(time.Second)); est > s.maxWait {
+	// the wait predicted from the pool's drain rate for the requests
+	// that go before this one: those of its priority and higher
+	ahead := a.aheadOf(prio)
+	if rate := a.drain(now); ahead > 0 && rate > 0 {
+		if est := time.Duration(float64(ahead+1) / rate * float64(time.Second)); est > s.maxWait {
 			a.mu.Unlock()
 			a.overloaded.Add(1)
-			return nil, a.overload(now, n, s, "the predicted wait exceeds max_wait")
+			return nil, a.overload(now, int64(ahead), s, "the predicted wait exceeds max_wait")
 		}
 	}
 	w := &waiter{key: key, prio: prio, enqueued: now, ready: make(chan struct{})}
@@ -361,7 +363,6 @@ func (a *Admission) Wait(ctx context.Context, r *http.Request, f *Features, now 
 	defer timer.Stop()
 	select {
 	case <-w.ready:
-		return a.admit(w), nil
 	case <-timer.C:
 	case <-ctx.Done():
 	}
@@ -369,6 +370,10 @@ func (a *Admission) Wait(ctx context.Context, r *http.Request, f *Features, now 
 	if w.admitted {
 		a.mu.Unlock()
 		return a.admit(w), nil
+	}
+	if w.evicted {
+		a.mu.Unlock()
+		return nil, a.overload(time.Now(), a.queued.Load(), s, "a request of higher priority took this one's place in the full queue")
 	}
 	w.gone = true
 	a.remove(id, w)
@@ -400,6 +405,48 @@ func (a *Admission) overload(now time.Time, queued int64, s *admissionSettings, 
 		Message:    "every backend is busy and " + why + "; retry after the time given",
 		RetryAfter: after,
 	}
+}
+
+// aheadOf counts the waiters that go before a new request of priority
+// prio: those of its priority and higher (under mu).
+func (a *Admission) aheadOf(prio int) int {
+	n := 0
+	for _, fl := range a.flows {
+		if fl.prio >= prio {
+			n += len(fl.items)
+		}
+	}
+	return n
+}
+
+// evictBelow makes room in a full queue for a request of priority prio:
+// the newest waiter of the lowest priority below prio leaves with an
+// overload answer. It reports whether one did (under mu).
+func (a *Admission) evictBelow(prio int) bool {
+	var victim *flow
+	var vid uint64
+	for id, fl := range a.flows {
+		if fl.prio >= prio {
+			continue
+		}
+		last := fl.items[len(fl.items)-1]
+		if victim == nil || fl.prio < victim.prio || (fl.prio == victim.prio && last.enqueued.After(victim.items[len(victim.items)-1].enqueued)) {
+			victim, vid = fl, id
+		}
+	}
+	if victim == nil {
+		return false
+	}
+	w := victim.items[len(victim.items)-1]
+	victim.items = victim.items[:len(victim.items)-1]
+	if len(victim.items) == 0 {
+		delete(a.flows, vid)
+	}
+	a.queued.Add(-1)
+	a.overloaded.Add(1)
+	w.evicted = true
+	close(w.ready)
+	return true
 }
 
 // remove takes w out of its flow (under mu).

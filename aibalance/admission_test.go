@@ -2,6 +2,7 @@ package aibalance
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"sync"
@@ -217,5 +218,70 @@ func TestRequestKeys(t *testing.T) {
 		if bad.Check() == nil {
 			t.Errorf("%+v accepted", bad)
 		}
+	}
+}
+
+// TestAdmissionPriorityEvicts: a full queue makes room for a request of
+// higher priority by turning away its newest lowest-priority waiter; a
+// request of the same priority is refused instead.
+func TestAdmissionPriorityEvicts(t *testing.T) {
+	var mu sync.Mutex
+	free := 0
+	a := testAdmission(&AdmissionConfig{MaxQueue: 2, MaxWait: caddy.Duration(time.Minute)}, &free, &mu, 0)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	results := make(chan *Reject, 3)
+	for _, k := range []string{"low1", "low2"} {
+		go func() {
+			_, rej := a.Wait(ctx, keyed(k, "-1"), nil, time.Now())
+			results <- rej
+		}()
+		for deadline := time.Now().Add(5 * time.Second); a.Queued() < map[string]int64{"low1": 1, "low2": 2}[k]; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("waiters did not queue")
+			}
+		}
+	}
+	// same priority as the waiters: refused
+	if _, rej := a.Wait(ctx, keyed("other", "-1"), nil, time.Now()); rej == nil || rej.Code != "server_overloaded" {
+		t.Fatalf("same priority into a full queue: %+v", rej)
+	}
+	// higher: low2 (the newest) leaves, the new one waits
+	go func() {
+		_, rej := a.Wait(ctx, keyed("vip", "5"), nil, time.Now())
+		results <- rej
+	}()
+	select {
+	case rej := <-results:
+		if rej == nil || rej.Status != 503 {
+			t.Fatalf("evicted waiter got %+v", rej)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no waiter was evicted")
+	}
+	if a.Queued() != 2 {
+		t.Fatalf("queued %d after the eviction, want 2", a.Queued())
+	}
+	mu.Lock()
+	free = 1
+	mu.Unlock()
+	a.Kick(time.Now())
+	// the vip goes first
+	select {
+	case rej := <-results:
+		if rej != nil {
+			t.Fatalf("after a free slot: %+v", rej)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("nobody admitted")
+	}
+	a.mu.Lock()
+	left := ""
+	for _, fl := range a.flows {
+		left = fmt.Sprint(fl.prio)
+	}
+	a.mu.Unlock()
+	if left != "-1" {
+		t.Fatalf("the waiter left is of priority %s, want the low one (-1)", left)
 	}
 }
