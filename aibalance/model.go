@@ -71,9 +71,16 @@ import (
 //     at once but cannot be flooded: its predicted time grows with every
 //     request sent.
 //   - staleness: confidence decays when a backend has not been observed for a
-//     while, pulling it halfway back toward the prior, so a backend once
-//     judged slow is explored again instead of starved forever.
+//     while, pulling it back toward the prior (halfway after a minute, nine
+//     tenths after five), so a backend once judged slow — or misjudged — is
+//     explored again instead of starved; one new observation restores the
+//     trust, so a backend that is slow indeed costs a request or two.
 //   - outliers: scaled residuals are clipped at clipSigmas (Huber-style).
+//   - rounding: the covariance is kept symmetric after every update and
+//     restarted if rounding makes it indefinite; a fit whose coefficients
+//     run off anyway starts over from the prior (see rls.update). Without
+//     this, a few thousand updates of a busy engine let P drift apart and
+//     the fit diverge: a fast engine predicted at hours, then starved.
 //   - windup: with forgetting and little variation in the inputs the
 //     covariance grows without bound; each coefficient's variance is
 //     capped at its starting value.
@@ -87,7 +94,7 @@ const (
 	warmupSamples = 12
 	clipSigmas    = 3.0
 	staleAfter    = 30 * time.Second
-	minStaleTrust = 0.5 // a stale backend is predicted halfway between what it was and the prior
+	minStaleTrust = 0.1 // a backend unobserved for 5 minutes is predicted nine tenths of the way back to the prior
 	errWindow     = 128
 	// maxOptimism bounds the exploration bonus: a score is never below
 	// (1-maxOptimism) of the prediction.
