@@ -321,3 +321,58 @@ func TestRateLimits(t *testing.T) {
 		t.Fatalf("pool view: %d rate limited, want 1", v.RateLimited)
 	}
 }
+
+// TestAdmissionIsFair: one heavy user (11 clients) and one light user (1
+// client) share two engines of two batch slots. In the engines' queues,
+// first come first served, the light user waits behind the heavy user's
+// backlog; in the balancer's queue, fair between API keys, it waits for
+// about one turn.
+func TestAdmissionIsFair(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	cfg := llmsim.Config{MaxRunning: 2}
+	run := func(block string) (light, heavy time.Duration) {
+		p := pool(t, cfg, cfg)
+		url := aiProxy(t, tester, upstreams(p), "\t\tmetrics_interval 100ms\n"+block) + "/v1/chat/completions"
+		drive(t, url, 8, 2, 20)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		var mu sync.Mutex
+		var lt, ht []time.Duration
+		var wg sync.WaitGroup
+		for w := range 12 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				key := "heavy"
+				if w == 0 {
+					key = "light"
+				}
+				for ctx.Err() == nil {
+					a := post(context.Background(), url, key, 30, "")
+					if a.status != 200 {
+						t.Errorf("%s: %d %v %s", key, a.status, a.err, a.code)
+						return
+					}
+					mu.Lock()
+					if key == "light" {
+						lt = append(lt, a.took)
+					} else {
+						ht = append(ht, a.took)
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+		// the first seconds teach the balancer the batch size: measure
+		// the second half
+		return quantile(lt[len(lt)/2:], 0.5), quantile(ht[len(ht)/2:], 0.5)
+	}
+	offLight, offHeavy := run("\t\tadmission off")
+	onLight, onHeavy := run("")
+	t.Logf("E2E p50, light user / heavy user: admission off %s / %s, on %s / %s",
+		offLight.Round(time.Millisecond), offHeavy.Round(time.Millisecond), onLight.Round(time.Millisecond), onHeavy.Round(time.Millisecond))
+	if onLight > offLight*2/3 {
+		t.Fatalf("the light user's median %s with admission, %s without: want at most two thirds", onLight, offLight)
+	}
+}
