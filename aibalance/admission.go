@@ -46,9 +46,12 @@ const (
 	DefaultMaxQueue       = 1024
 	DefaultMaxWait        = 30 * time.Second
 	DefaultPriorityHeader = "X-Priority"
-	admissionTick         = 50 * time.Millisecond
-	transitTimeout        = time.Second
-	maxPriority           = 1000
+	// MaxQueueLimit and MaxWaitLimit bound the settings themselves.
+	MaxQueueLimit  = 1 << 20
+	MaxWaitLimit   = time.Hour
+	admissionTick  = 50 * time.Millisecond
+	transitTimeout = time.Second
+	maxPriority    = 1000
 )
 
 // AdmissionConfig is a pool's admission control (JSON under the policy's
@@ -264,11 +267,11 @@ func (cfg *AdmissionConfig) Check() error {
 	if cfg == nil {
 		return nil
 	}
-	if cfg.MaxQueue < 0 {
-		return fmt.Errorf("admission: max_queue must not be negative")
+	if cfg.MaxQueue < 0 || cfg.MaxQueue > MaxQueueLimit {
+		return fmt.Errorf("admission: max_queue must be from 0 (the default) to %d", MaxQueueLimit)
 	}
-	if cfg.MaxWait < 0 {
-		return fmt.Errorf("admission: max_wait must not be negative")
+	if cfg.MaxWait < 0 || time.Duration(cfg.MaxWait) > MaxWaitLimit {
+		return fmt.Errorf("admission: max_wait must be from 0 (the default) to %s", MaxWaitLimit)
 	}
 	for k, w := range cfg.Weights {
 		if !(w > 0) || math.IsInf(w, 0) {
@@ -541,7 +544,7 @@ type AdmissionStats struct {
 	WaitP50    float64 `json:"wait_p50_seconds"`
 	WaitP99    float64 `json:"wait_p99_seconds"`
 	DrainRate  float64 `json:"drain_rate_per_second"`
-	FreeSlots  int     `json:"free_slots"` // 1<<20: not known to be bounded
+	FreeSlots  int     `json:"free_slots"` // -1: not known to be bounded (a backend's batch size is unknown)
 }
 
 // Stats returns the queue's state.
@@ -556,6 +559,9 @@ func (a *Admission) Stats(now time.Time) AdmissionStats {
 	}
 	if a.capacity != nil {
 		st.FreeSlots = a.capacity(now)
+		if st.FreeSlots >= unbounded {
+			st.FreeSlots = -1
+		}
 	}
 	return st
 }

@@ -16,6 +16,10 @@ type Backend struct {
 	addr string
 
 	inflight       atomic.Int64
+	// selections not yet sent (see Reserve): in a burst, many requests
+	// are scored before the first of them reaches the transport
+	reserved   atomic.Int64
+	reservedAt atomic.Int64 // unix ns of the latest reservation
 	inflightTokens atomic.Int64
 	pending        atomic.Int64  // streams in flight without a first token yet
 	pendingTokens  atomic.Int64  // their prompt tokens
@@ -95,7 +99,7 @@ func (b *Backend) Inflight() (requests, tokens int64) {
 // in milliseconds must not look like one that lasts a second.)
 func (b *Backend) State(now time.Time) LoadState {
 	s := LoadState{
-		Inflight:       float64(b.inflight.Load()),
+		Inflight:       float64(b.inflight.Load() + b.Reserved(now)),
 		InflightTokens: float64(b.inflightTokens.Load()),
 		PendingTokens:  float64(b.pendingTokens.Load()),
 	}
@@ -126,6 +130,31 @@ func (b *Backend) State(now time.Time) LoadState {
 		}
 	}
 	return s
+}
+
+// Reserve counts a request a policy chose for the backend until its
+// attempt begins (Unreserve): it is in flight for the requests scored in
+// between. A reservation whose attempt never began (the client left in
+// between) stops counting a second after the latest one.
+func (b *Backend) Reserve(now time.Time) {
+	b.reserved.Add(1)
+	b.reservedAt.Store(now.UnixNano())
+}
+
+// Unreserve ends a reservation: the attempt began.
+func (b *Backend) Unreserve() {
+	if b.reserved.Add(-1) < 0 {
+		b.reserved.Store(0)
+	}
+}
+
+// Reserved is the reservations counting at now.
+func (b *Backend) Reserved(now time.Time) int64 {
+	n := b.reserved.Load()
+	if n <= 0 || now.UnixNano()-b.reservedAt.Load() > int64(time.Second) {
+		return 0
+	}
+	return n
 }
 
 // Cooldown is when the backend's last Retry-After ends; zero if none.

@@ -58,8 +58,8 @@ func (b *Backend) SetEngine(m EngineMetrics, maxAge time.Duration) {
 	}
 	pending := float64(b.pending.Load())
 	running := max(float64(b.inflight.Load())-pending, 0)
-	b.engine.latest.Store(&engineSample{m: m, maxAge: maxAge, ownPending: pending, ownRunning: running})
-	b.learnSlots(m)
+	prev := b.engine.latest.Swap(&engineSample{m: m, maxAge: maxAge, ownPending: pending, ownRunning: running})
+	b.learnSlots(m, prev)
 	b.calibratePrefix(m)
 }
 
@@ -78,25 +78,43 @@ func (b *Backend) external(now time.Time) (waiting, running, kv float64, ok bool
 	if s.m.HasRunning {
 		running = max(s.m.Running-s.ownRunning, 0)
 	}
+	if s.m.HasWaiting && s.m.HasRunning {
+		// a non-streaming request of ours shows no first token, so the
+		// balancer counts it running while the engine may still queue
+		// it: what is not ours is at most the engine's total less ours
+		others := max(s.m.Waiting+s.m.Running-s.ownPending-s.ownRunning, 0)
+		waiting = min(waiting, others)
+		running = min(running, others-waiting)
+	}
 	if s.m.HasKV {
 		kv = min(max(s.m.KVUsage, 0), 1)
 	}
 	return waiting, running, kv, true
 }
 
-// learnSlots raises the known batch capacity when the engine reports a
-// larger batch running. It never lowers it: an engine's waiting count
-// includes requests that arrived during the current step (a long prefill
-// step holds them for tens of milliseconds), so a queue seen on a scrape
-// does not mean the batch is full. Saturation is learned from the waits
-// the balancer observes itself (see Attempt.FirstToken).
-func (b *Backend) learnSlots(m EngineMetrics) {
-	if !m.HasRunning {
+// learnSlots learns the batch capacity from the engine's own counts. A
+// larger batch running raises a known capacity. A queue beside the same
+// running batch on two scrapes in a row sets it: one scrape's waiting
+// count may be requests that arrived during the current step (a long
+// prefill step holds them for tens of milliseconds) and says nothing of a
+// full batch, but a queue that persists a scrape interval later behind an
+// unchanged batch is a full one (vLLM's max_num_seqs, or its KV blocks).
+// Without engine metrics the capacity is learned from the waits the
+// balancer observes itself (see Attempt.FirstToken).
+func (b *Backend) learnSlots(m EngineMetrics, prev *engineSample) {
+	if !m.HasRunning || m.Running < 1 {
 		return
 	}
-	if r := int64(m.Running); r > b.slots.Load() && b.slots.Load() > 0 {
+	r := int64(m.Running)
+	if r > b.slots.Load() && b.slots.Load() > 0 {
 		b.setSlots(r, m.At)
+		return
 	}
+	if !m.HasWaiting || m.Waiting < 1 || prev == nil || !prev.m.HasWaiting || prev.m.Waiting < 1 ||
+		int64(prev.m.Running) != r || m.At.Sub(prev.m.At) > prev.maxAge {
+		return
+	}
+	b.setSlots(r, m.At)
 }
 
 // ClearEngine forgets the backend's engine metrics (its scraper stopped).

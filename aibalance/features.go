@@ -158,7 +158,10 @@ type Features struct {
 	// (nil when it did not wait), Charge its rate-limit charge, settled
 	// when it ends, and RateHeaders the x-ratelimit-* headers its answer
 	// carries.
-	Admitted    bool
+	Admitted bool
+	// Reserved is the backend the policy chose and reserved (see
+	// Backend.Reserve), until the transport begins the attempt.
+	Reserved    *Backend
 	Ticket      *Ticket
 	Charge      *RateCharge
 	RateHeaders http.Header

@@ -5,6 +5,7 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -120,11 +121,18 @@ func (l *RateLimiter) Take(r *http.Request, f *Features, now time.Time) (*RateCh
 	}
 	refill(b, cfg, now)
 	var wait time.Duration
+	var which []string
 	if cfg.RequestsPerMinute > 0 && b.req < 1 {
 		wait = max(wait, perMinute(1-b.req, cfg.RequestsPerMinute))
+		which = append(which, fmt.Sprintf("%d requests per minute", cfg.RequestsPerMinute))
 	}
 	if cfg.TokensPerMinute > 0 && b.tok < est {
 		wait = max(wait, perMinute(est-b.tok, cfg.TokensPerMinute))
+		t := fmt.Sprintf("%d tokens per minute: this request is estimated at %d tokens (prompt and max_tokens), %d are left", cfg.TokensPerMinute, f.Tokens(), max(int(b.tok), 0))
+		if float64(f.Tokens()) > float64(cfg.TokensPerMinute) {
+			t = fmt.Sprintf("%d tokens per minute: this request is estimated at %d tokens (prompt and max_tokens), more than a minute's budget; it goes when the budget is full", cfg.TokensPerMinute, f.Tokens())
+		}
+		which = append(which, t)
 	}
 	if wait > 0 {
 		h := headers(b, cfg)
@@ -132,7 +140,7 @@ func (l *RateLimiter) Take(r *http.Request, f *Features, now time.Time) (*RateCh
 		l.limited.Add(1)
 		return nil, h, &Reject{
 			Status: http.StatusTooManyRequests, Type: "rate_limit_error", Code: "rate_limit_exceeded",
-			Message:    fmt.Sprintf("Rate limit reached for this key (%s); retry after the time given", limitText(cfg)),
+			Message:    fmt.Sprintf("Rate limit reached for this key (%s); retry after the time given", strings.Join(which, "; ")),
 			RetryAfter: wait,
 		}
 	}
@@ -256,15 +264,6 @@ func resetText(d time.Duration) string {
 	return d.Round(time.Second).String()
 }
 
-func limitText(cfg *RateLimitConfig) string {
-	switch {
-	case cfg.RequestsPerMinute > 0 && cfg.TokensPerMinute > 0:
-		return fmt.Sprintf("%d requests and %d tokens per minute", cfg.RequestsPerMinute, cfg.TokensPerMinute)
-	case cfg.RequestsPerMinute > 0:
-		return fmt.Sprintf("%d requests per minute", cfg.RequestsPerMinute)
-	}
-	return fmt.Sprintf("%d tokens per minute", cfg.TokensPerMinute)
-}
 
 // Limiter is the pool's rate limiter (off until the handler's transport
 // configures it).

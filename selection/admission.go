@@ -88,7 +88,7 @@ func (l *learner) slots(pool reverseproxy.UpstreamPool, now time.Time) (free, bu
 //	    weight          <key value> <w>
 //	    priority_header <name>|off
 //	}
-//	rate_limit {
+//	rate_limit off | {
 //	    key                 api_key|user|ip|header <name>
 //	    requests_per_minute <n>
 //	    tokens_per_minute   <n>
@@ -120,9 +120,16 @@ func (t *Transport) unmarshalLimits(d *caddyfile.Dispenser) (bool, error) {
 		case len(args) > 0:
 			return true, d.Errf("admission: want `off` or a block, got %q", args[0])
 		}
+		once := map[string]bool{}
 		for nesting := d.Nesting(); d.NextBlock(nesting); {
 			sub := d.Val()
 			vals := d.RemainingArgs()
+			if sub != "weight" {
+				if once[sub] {
+					return true, d.Errf("admission %s already specified", sub)
+				}
+				once[sub] = true
+			}
 			one := func() (string, error) {
 				if len(vals) != 1 {
 					return "", d.Errf("admission %s: want one value", sub)
@@ -136,8 +143,8 @@ func (t *Transport) unmarshalLimits(d *caddyfile.Dispenser) (bool, error) {
 					return true, err
 				}
 				n, err := strconv.Atoi(v)
-				if err != nil || n < 1 {
-					return true, d.Errf("admission max_queue: want a positive count, got %q", v)
+				if err != nil || n < 1 || n > aibalance.MaxQueueLimit {
+					return true, d.Errf("admission max_queue: want a count from 1 to %d, got %q", aibalance.MaxQueueLimit, v)
 				}
 				a.MaxQueue = n
 			case "max_wait":
@@ -146,8 +153,8 @@ func (t *Transport) unmarshalLimits(d *caddyfile.Dispenser) (bool, error) {
 					return true, err
 				}
 				dur, err := caddy.ParseDuration(v)
-				if err != nil || dur <= 0 {
-					return true, d.Errf("admission max_wait: want a positive duration, got %q", v)
+				if err != nil || dur <= 0 || dur > aibalance.MaxWaitLimit {
+					return true, d.Errf("admission max_wait: want a positive duration up to %s, got %q", aibalance.MaxWaitLimit, v)
 				}
 				a.MaxWait = caddy.Duration(dur)
 			case "key":
@@ -167,6 +174,9 @@ func (t *Transport) unmarshalLimits(d *caddyfile.Dispenser) (bool, error) {
 				if a.Weights == nil {
 					a.Weights = map[string]float64{}
 				}
+				if _, dup := a.Weights[vals[0]]; dup {
+					return true, d.Errf("admission weight of %q already specified", vals[0])
+				}
 				a.Weights[vals[0]] = w
 			case "priority_header":
 				v, err := one()
@@ -183,14 +193,25 @@ func (t *Transport) unmarshalLimits(d *caddyfile.Dispenser) (bool, error) {
 		}
 		return true, a.Check()
 	}
+	if len(args) == 1 && args[0] == "off" {
+		if d.NextBlock(d.Nesting()) {
+			return true, d.Err("rate_limit off takes no block")
+		}
+		return true, nil // no limits: the default, said explicitly
+	}
 	if len(args) > 0 {
-		return true, d.ArgErr()
+		return true, d.Errf("rate_limit: want `off` or a block, got %q", args[0])
 	}
 	rl := new(aibalance.RateLimitConfig)
 	t.RateLimit = rl
+	once := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
 		vals := d.RemainingArgs()
+		if once[sub] {
+			return true, d.Errf("rate_limit %s already specified", sub)
+		}
+		once[sub] = true
 		if sub == "key" {
 			k, err := parseKey(d, vals)
 			if err != nil {

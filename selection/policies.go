@@ -229,12 +229,12 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 				score = mean*zf + za
 			}
 		}
-		return score / (1 - min(b.FailureRate(now), maxFailureRate)) / p.pool.Weight(u.Dial)
+		return late(score/(1-min(b.FailureRate(now), maxFailureRate))/p.pool.Weight(u.Dial), f, b, now)
 	}
 	var best *reverseproxy.Upstream
 	// a request whose prefix some backend holds compares every backend
 	// of a pool up to maxChoose: the holder must be among the candidates
-	if p.ChooseAll || len(pool) <= p.Choose || (affinity && len(pool) <= maxChoose && p.held(pool, f)) {
+	if p.ChooseAll || len(pool) <= p.Choose || f.Ticket != nil || (affinity && len(pool) <= maxChoose && p.held(pool, f)) {
 		best = c.pick(pool, score, nil, 0)
 	} else {
 		best = c.pick(pool, score, p.pool.Last(), p.Choose)
@@ -410,7 +410,7 @@ func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Re
 		if zf, _ := c.zone(p.app.Zone, u); zf != 1 {
 			score *= zf // tokens have no time: the margin's ratio only
 		}
-		return score
+		return late(score, f, b, now)
 	}, nil, 0)
 	return p.finish(&c, pool, best)
 }
@@ -588,6 +588,16 @@ func (l *learner) begin(r *http.Request, f *aibalance.Features, now time.Time) c
 // last attempt otherwise; until then nil lets Caddy wait and try again
 // (lb_try_duration). Another transport cannot answer: nil.
 func (l *learner) finish(c *candidates, pool reverseproxy.UpstreamPool, best *reverseproxy.Upstream) *reverseproxy.Upstream {
+	if best != nil && l.ours {
+		// counted in flight from now, not from when the transport
+		// begins: requests of a burst scored in between see it
+		if old := c.f.Reserved; old != nil {
+			old.Unreserve()
+		}
+		b := l.set.Get(best.Dial)
+		b.Reserve(c.now)
+		c.f.Reserved = b
+	}
 	if best != nil || !l.ours {
 		return best
 	}
@@ -611,6 +621,20 @@ func answering(pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
 		return nowhere
 	}
 	return pool[0]
+}
+
+// saturatedPenalty is added to the score of a full backend for a request
+// that waited in the admission queue: far above any predicted time.
+const saturatedPenalty = 1e9
+
+// late is score for a request that waited for a free slot (admitted from
+// the queue): a backend without one loses to any that has, so the request
+// takes the slot that freed, not a place in a full engine's queue.
+func late(score float64, f *aibalance.Features, b *aibalance.Backend, now time.Time) float64 {
+	if f.Ticket != nil && b.FreeSlots(now) == 0 {
+		return score + saturatedPenalty
+	}
+	return score
 }
 
 // answer lets the transport give rej for the policy (see finish).

@@ -254,6 +254,10 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	f := t.features(req)
+	if r := f.Reserved; r != nil {
+		f.Reserved = nil
+		r.Unreserve() // counted in flight by its attempt from here
+	}
 	pool := aibalance.RequestPool(req)
 	if pool != nil && f.Reject != nil {
 		rej := f.Reject
@@ -309,9 +313,14 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	if ch := f.Charge; ch != nil {
 		att.OnEnd = func(o aibalance.Outcome) {
-			if o.Status >= 200 && o.Status < 300 && !o.Failed() {
+			switch {
+			case o.Status >= 200 && o.Status < 300 && !o.Failed():
 				ch.Settle(o.OutputTokens)
+			case o.Status >= 400 && o.Status < 500 && o.Status != http.StatusTooManyRequests:
+				// refused as a bad request (never retried): nothing used
+				ch.Refund()
 			}
+			// a failure another attempt may retry keeps the charge
 		}
 	}
 	// retry reports whether Caddy's loop will try this request again
