@@ -636,7 +636,11 @@ func (b *Backend) FreeSlots(now time.Time) int {
 	if m, fresh := b.Engine(now); fresh && m.HasWaiting && m.Waiting >= 1 && m.HasKV && m.KVUsage >= kvFull {
 		return 0
 	}
-	if slots := b.Slots(now); slots > 0 {
+	slots := b.Slots(now)
+	if slots <= 0 {
+		slots = b.EngineSlots(now)
+	}
+	if slots > 0 {
 		s := b.State(now)
 		return max(int(float64(slots)-s.Inflight), 0)
 	}

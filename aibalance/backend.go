@@ -15,11 +15,14 @@ import (
 type Backend struct {
 	addr string
 
-	inflight       atomic.Int64
+	inflight atomic.Int64
 	// selections not yet sent (see Reserve): in a burst, many requests
 	// are scored before the first of them reaches the transport
 	reserved   atomic.Int64
 	reservedAt atomic.Int64 // unix ns of the latest reservation
+	// the batch capacity the engine's metrics showed full (see learnSlots)
+	engineSlots    atomic.Int64
+	engineSlotsAt  atomic.Int64
 	inflightTokens atomic.Int64
 	pending        atomic.Int64  // streams in flight without a first token yet
 	pendingTokens  atomic.Int64  // their prompt tokens

@@ -92,15 +92,20 @@ func (b *Backend) external(now time.Time) (waiting, running, kv float64, ok bool
 	return waiting, running, kv, true
 }
 
-// learnSlots learns the batch capacity from the engine's own counts. A
-// larger batch running raises a known capacity. A queue beside the same
-// running batch on two scrapes in a row sets it: one scrape's waiting
-// count may be requests that arrived during the current step (a long
-// prefill step holds them for tens of milliseconds) and says nothing of a
-// full batch, but a queue that persists a scrape interval later behind an
-// unchanged batch is a full one (vLLM's max_num_seqs, or its KV blocks).
-// Without engine metrics the capacity is learned from the waits the
-// balancer observes itself (see Attempt.FirstToken).
+// learnSlots raises the known batch capacity when the engine reports a
+// larger batch running. It never lowers it: an engine's waiting count
+// includes requests that arrived during the current step (a long prefill
+// step holds them for tens of milliseconds), so a queue seen on a scrape
+// does not mean the batch is full. Saturation is learned from the waits
+// the balancer observes itself (see Attempt.FirstToken).
+//
+// For admission control alone (see FreeSlots) a queue beside the same
+// running batch on two scrapes in a row is taken as a full batch: a queue
+// that persists a scrape interval later behind an unchanged batch is one
+// (vLLM's max_num_seqs, or its KV blocks), and it is how a pool that
+// sees only non-streaming requests (no first token, so no observed wait)
+// is known full. Routing does not use it: its scores keep to what the
+// balancer observed.
 func (b *Backend) learnSlots(m EngineMetrics, prev *engineSample) {
 	if !m.HasRunning || m.Running < 1 {
 		return
@@ -108,13 +113,21 @@ func (b *Backend) learnSlots(m EngineMetrics, prev *engineSample) {
 	r := int64(m.Running)
 	if r > b.slots.Load() && b.slots.Load() > 0 {
 		b.setSlots(r, m.At)
-		return
 	}
-	if !m.HasWaiting || m.Waiting < 1 || prev == nil || !prev.m.HasWaiting || prev.m.Waiting < 1 ||
-		int64(prev.m.Running) != r || m.At.Sub(prev.m.At) > prev.maxAge {
-		return
+	if m.HasWaiting && m.Waiting >= 1 && prev != nil && prev.m.HasWaiting && prev.m.Waiting >= 1 &&
+		int64(prev.m.Running) == r && m.At.Sub(prev.m.At) <= prev.maxAge {
+		b.engineSlots.Store(r)
+		b.engineSlotsAt.Store(m.At.UnixNano())
 	}
-	b.setSlots(r, m.At)
+}
+
+// EngineSlots is the batch capacity the engine's own counts showed full
+// lately (see learnSlots), or 0 when unknown or older than staleAfter.
+func (b *Backend) EngineSlots(now time.Time) int64 {
+	if now.UnixNano()-b.engineSlotsAt.Load() > int64(staleAfter) {
+		return 0
+	}
+	return b.engineSlots.Load()
 }
 
 // ClearEngine forgets the backend's engine metrics (its scraper stopped).

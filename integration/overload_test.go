@@ -376,3 +376,52 @@ func TestAdmissionIsFair(t *testing.T) {
 		t.Fatalf("the light user's median %s with admission, %s without: want at most three quarters", onLight, offLight)
 	}
 }
+
+// TestAdmissionNonStreaming: non-streaming requests show no first token,
+// so the balancer cannot observe their waits; the engines' metrics (a
+// queue behind a full batch on consecutive scrapes) tell it the pool is
+// full, and a burst is answered 503 past a short queue instead of piling
+// into the engines.
+func TestAdmissionNonStreaming(t *testing.T) {
+	tester := caddytest.NewTester(t)
+	cfg := llmsim.Config{MaxRunning: 2}
+	p := pool(t, cfg, cfg)
+	url := aiProxy(t, tester, upstreams(p), "\t\tmetrics_interval 100ms\n\t\tadmission {\n\t\t\tmax_queue 4\n\t\t\tmax_wait 1s\n\t\t}") + "/v1/chat/completions"
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
+	defer cancel()
+	var mu sync.Mutex
+	codes := map[int]int{}
+	var peak int
+	var wg sync.WaitGroup
+	for range 24 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				res, err := http.Post(url, "application/json", strings.NewReader(string(llmsim.ChatBody("", "hello", 20, false))))
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				_, _ = io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				mu.Lock()
+				codes[res.StatusCode]++
+				w := 0
+				for _, s := range p.Servers {
+					w += s.Stats().Waiting
+				}
+				peak = max(peak, w)
+				mu.Unlock()
+				if res.StatusCode != 200 {
+					time.Sleep(50 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("answers %v; engines' queues peaked at %d (24 clients, 4 batch slots)", codes, peak)
+	if codes[http.StatusServiceUnavailable] == 0 || codes[200] == 0 || len(codes) != 2 {
+		t.Fatalf("answers %v: want 200s and 503s only", codes)
+	}
+}
