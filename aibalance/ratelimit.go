@@ -264,7 +264,6 @@ func resetText(d time.Duration) string {
 	return d.Round(time.Second).String()
 }
 
-
 // Limiter is the pool's rate limiter (off until the handler's transport
 // configures it).
 func (p *Pool) Limiter() *RateLimiter { return &p.limiter }
