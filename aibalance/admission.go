@@ -25,8 +25,9 @@ import (
 //
 // A backend is saturated when it is out (draining, cooling down, ejected,
 // breaker open), when its requests in flight fill the batch it was last
-// seen saturated at (see Backend.Slots: learned from the waits the balancer
-// observes and from the engine's running count), or when its fresh engine
+// seen saturated at (see Backend.Slots and Backend.EngineSlots: learned
+// from the waits the balancer observes and from a queue the engine's
+// metrics show behind an unchanged batch), or when its fresh engine
 // metrics show a queue with the KV cache nearly full. What is not known to
 // be full is not: without evidence nothing waits.
 //
@@ -54,8 +55,8 @@ const (
 	maxPriority    = 1000
 )
 
-// AdmissionConfig is a pool's admission control (JSON under the policy's
-// "admission").
+// AdmissionConfig is a pool's admission control (JSON under the
+// transport's "admission").
 type AdmissionConfig struct {
 	// Off turns admission control off: requests go to the engines' queues.
 	Off bool `json:"off,omitempty"`
@@ -157,16 +158,26 @@ func ClientIP(r *http.Request) string {
 }
 
 // KeyHash is the map key of a key value: a raw API key is never kept.
-func KeyHash(v string) uint64 {
+func KeyHash(v string) uint64 { return Mix64(FNV64(v)) }
+
+// FNV64 is FNV-1a of s.
+func FNV64(s string) uint64 {
 	h := uint64(14695981039346656037)
-	for i := 0; i < len(v); i++ {
-		h ^= uint64(v[i])
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
 		h *= 1099511628211
 	}
-	h ^= h >> 33
-	h *= 0xff51afd7ed558ccd
-	h ^= h >> 33
 	return h
+}
+
+// Mix64 is splitmix64's finalizer.
+func Mix64(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return x
 }
 
 // Priority is the request's priority from the header named (0 when
@@ -200,19 +211,16 @@ type admissionSettings struct {
 
 // waiter is one queued request.
 type waiter struct {
-	key      uint64
 	prio     int
 	tag      float64
 	enqueued time.Time
 	ready    chan struct{} // closed when admitted
 	admitted bool          // under Admission.mu
 	evicted  bool          // pushed out of a full queue by a higher priority (under mu)
-	gone     bool          // left without admission (under mu)
 }
 
 // flow is the waiting requests of one key at one priority, in order.
 type flow struct {
-	key   uint64
 	prio  int
 	items []*waiter
 	last  float64 // finish tag of the key's latest request
@@ -324,31 +332,32 @@ func (a *Admission) Wait(ctx context.Context, r *http.Request, f *Features, now 
 	if w, ok := s.weights[key]; ok {
 		weight = w
 	}
+	rate := a.drain(now)
 	a.mu.Lock()
 	n := a.queued.Load()
 	if n >= int64(s.maxQueue) && !a.evictBelow(prio) {
 		a.mu.Unlock()
 		a.overloaded.Add(1)
-		return nil, a.overload(now, n, s, "the balancer's queue is full")
+		return nil, overload(rate, n, s, "the balancer's queue is full")
 	}
 	// the wait predicted from the pool's drain rate for the requests
 	// that go before this one: those of its priority and higher
 	ahead := a.aheadOf(prio)
-	if rate := a.drain(now); ahead > 0 && rate > 0 {
+	if ahead > 0 && rate > 0 {
 		if est := time.Duration(float64(ahead+1) / rate * float64(time.Second)); est > s.maxWait {
 			a.mu.Unlock()
 			a.overloaded.Add(1)
-			return nil, a.overload(now, int64(ahead), s, "the predicted wait exceeds max_wait")
+			return nil, overload(rate, int64(ahead), s, "the predicted wait exceeds max_wait")
 		}
 	}
-	w := &waiter{key: key, prio: prio, enqueued: now, ready: make(chan struct{})}
+	w := &waiter{prio: prio, enqueued: now, ready: make(chan struct{})}
 	id := key ^ uint64(int64(prio))*0x9e3779b97f4a7c15
 	fl := a.flows[id]
 	if fl == nil {
 		if a.flows == nil {
 			a.flows = map[uint64]*flow{}
 		}
-		fl = &flow{key: key, prio: prio}
+		fl = &flow{prio: prio}
 		a.flows[id] = fl
 	}
 	w.tag = max(a.vtime, fl.last) + 1/weight
@@ -376,9 +385,8 @@ func (a *Admission) Wait(ctx context.Context, r *http.Request, f *Features, now 
 	}
 	if w.evicted {
 		a.mu.Unlock()
-		return nil, a.overload(time.Now(), a.queued.Load(), s, "a request of higher priority took this one's place in the full queue")
+		return nil, overload(a.drain(time.Now()), a.queued.Load(), s, "a request of higher priority took this one's place in the full queue")
 	}
-	w.gone = true
 	a.remove(id, w)
 	a.mu.Unlock()
 	if ctx.Err() != nil {
@@ -386,7 +394,7 @@ func (a *Admission) Wait(ctx context.Context, r *http.Request, f *Features, now 
 		return nil, nil
 	}
 	a.timedOut.Add(1)
-	return nil, a.overload(time.Now(), a.queued.Load(), s, "the request waited max_wait")
+	return nil, overload(a.drain(time.Now()), a.queued.Load(), s, "the request waited max_wait")
 }
 
 func (a *Admission) admit(w *waiter) *Ticket {
@@ -396,10 +404,11 @@ func (a *Admission) admit(w *waiter) *Ticket {
 }
 
 // overload is the answer to a request the queue cannot take: 503 with a
-// Retry-After of the predicted time for the queue to drain.
-func (a *Admission) overload(now time.Time, queued int64, s *admissionSettings, why string) *Reject {
+// Retry-After of the predicted time for queued requests to drain at rate
+// (per second).
+func overload(rate float64, queued int64, s *admissionSettings, why string) *Reject {
 	after := s.maxWait
-	if rate := a.drain(now); rate > 0 {
+	if rate > 0 {
 		after = time.Duration(float64(queued+1) / rate * float64(time.Second))
 	}
 	after = max(min(after, 10*s.maxWait), time.Second)
@@ -566,8 +575,8 @@ func (a *Admission) Stats(now time.Time) AdmissionStats {
 	return st
 }
 
-// Admission is the pool's admission queue; it is off until the pool's
-// policy configures it (see Admission.Configure).
+// Admission is the pool's admission queue; it is off until the handler's
+// transport configures it (see Admission.Configure).
 func (p *Pool) Admission() *Admission {
 	if p == nil {
 		return nil
@@ -590,7 +599,8 @@ func (p *Pool) FreeSlots(now time.Time) int {
 		if p.HasTiers() && p.Tier(addr) > p.OpenTierNow() {
 			continue // a standby tier not open
 		}
-		free += b.FreeSlots(now)
+		n, _ := b.FreeSlots(now)
+		free += n
 		if free >= unbounded {
 			return unbounded
 		}
@@ -627,14 +637,15 @@ func (p *Pool) DrainRate(now time.Time) float64 {
 const kvFull = 0.9
 
 // FreeSlots is how many more requests the backend takes before it is
-// saturated: 0 when it is out or full, its known batch capacity minus
-// what is in flight, or unbounded when nothing says it is bounded.
-func (b *Backend) FreeSlots(now time.Time) int {
+// saturated: 0 when it is out (then out is true) or full, its known batch
+// capacity minus what is in flight, or unbounded when nothing says it is
+// bounded.
+func (b *Backend) FreeSlots(now time.Time) (free int, out bool) {
 	if _, out := b.Load(now); out {
-		return 0
+		return 0, true
 	}
 	if m, fresh := b.Engine(now); fresh && m.HasWaiting && m.Waiting >= 1 && m.HasKV && m.KVUsage >= kvFull {
-		return 0
+		return 0, false
 	}
 	slots := b.Slots(now)
 	if slots <= 0 {
@@ -642,7 +653,7 @@ func (b *Backend) FreeSlots(now time.Time) int {
 	}
 	if slots > 0 {
 		s := b.State(now)
-		return max(int(float64(slots)-s.Inflight), 0)
+		return max(int(float64(slots)-s.Inflight), 0), false
 	}
-	return unbounded
+	return unbounded, false
 }

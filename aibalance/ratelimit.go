@@ -157,22 +157,12 @@ func (l *RateLimiter) Take(r *http.Request, f *Features, now time.Time) (*RateCh
 
 // Settle corrects the charge to the tokens the request used: its prompt
 // estimate plus the output counted (output < 0: unknown, the estimate
-// stands). Only the first call counts.
+// stands). Only the first call of Settle or Refund counts.
 func (c *RateCharge) Settle(output int) {
 	if c == nil || output < 0 || c.done.Swap(true) {
 		return
 	}
-	cfg := c.l.cfg.Load()
-	if cfg == nil || cfg.TokensPerMinute == 0 {
-		return
-	}
-	used := float64(c.prompt + output)
-	sh := &c.l.shards[c.key%rateShards]
-	sh.mu.Lock()
-	if b := sh.m[c.key]; b != nil {
-		b.tok = min(b.tok+c.tokens-used, float64(cfg.TokensPerMinute))
-	}
-	sh.mu.Unlock()
+	c.giveBack(0, c.tokens-float64(c.prompt+output))
 }
 
 // Refund gives the whole charge back: the request was not served.
@@ -180,6 +170,12 @@ func (c *RateCharge) Refund() {
 	if c == nil || c.done.Swap(true) {
 		return
 	}
+	c.giveBack(1, c.tokens)
+}
+
+// giveBack returns requests and tokens to the key's bucket (tokens < 0
+// charges more), which never holds more than a minute's allowance.
+func (c *RateCharge) giveBack(requests, tokens float64) {
 	cfg := c.l.cfg.Load()
 	if cfg == nil {
 		return
@@ -188,10 +184,10 @@ func (c *RateCharge) Refund() {
 	sh.mu.Lock()
 	if b := sh.m[c.key]; b != nil {
 		if cfg.RequestsPerMinute > 0 {
-			b.req = min(b.req+1, float64(cfg.RequestsPerMinute))
+			b.req = min(b.req+requests, float64(cfg.RequestsPerMinute))
 		}
 		if cfg.TokensPerMinute > 0 {
-			b.tok = min(b.tok+c.tokens, float64(cfg.TokensPerMinute))
+			b.tok = min(b.tok+tokens, float64(cfg.TokensPerMinute))
 		}
 	}
 	sh.mu.Unlock()

@@ -22,6 +22,7 @@ import (
 
 // answer is one request's result as a client saw it.
 type answer struct {
+	key        string // the API key it was sent with
 	status     int
 	took       time.Duration
 	retryAfter string
@@ -45,11 +46,11 @@ func post(ctx context.Context, url, key string, maxTokens int, prio string) answ
 	start := time.Now()
 	res, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return answer{err: err, took: time.Since(start)}
+		return answer{key: key, err: err, took: time.Since(start)}
 	}
 	raw, err := io.ReadAll(res.Body)
 	res.Body.Close()
-	a := answer{status: res.StatusCode, took: time.Since(start), retryAfter: res.Header.Get("Retry-After"), headers: res.Header, err: err}
+	a := answer{key: key, status: res.StatusCode, took: time.Since(start), retryAfter: res.Header.Get("Retry-After"), headers: res.Header, err: err}
 	if res.StatusCode != 200 {
 		var e struct {
 			Error struct{ Code string }
@@ -97,8 +98,9 @@ func engineQueue(p *llmsim.Pool, stop <-chan struct{}) (mean float64, peak int) 
 }
 
 // closedLoop runs workers clients, each sending one request after another
-// until ctx ends; a client told to retry waits pause first.
-func closedLoop(ctx context.Context, url string, workers, maxTokens int, pause time.Duration) []answer {
+// with the API key keyOf gives it, until ctx ends; a client told to retry
+// waits pause first. The answers are in the order they ended.
+func closedLoop(ctx context.Context, url string, workers, maxTokens int, pause time.Duration, keyOf func(worker int) string) []answer {
 	var mu sync.Mutex
 	var out []answer
 	var wg sync.WaitGroup
@@ -108,7 +110,7 @@ func closedLoop(ctx context.Context, url string, workers, maxTokens int, pause t
 			defer wg.Done()
 			for ctx.Err() == nil {
 				rctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				a := post(rctx, url, fmt.Sprintf("user-%d", w%4), maxTokens, "")
+				a := post(rctx, url, keyOf(w), maxTokens, "")
 				cancel()
 				mu.Lock()
 				out = append(out, a)
@@ -125,6 +127,17 @@ func closedLoop(ctx context.Context, url string, workers, maxTokens int, pause t
 	wg.Wait()
 	return out
 }
+
+// lightAndHeavy gives worker 0 the key "light" and every other "heavy".
+func lightAndHeavy(w int) string {
+	if w == 0 {
+		return "light"
+	}
+	return "heavy"
+}
+
+// fourUsers spreads workers over four API keys.
+func fourUsers(w int) string { return fmt.Sprintf("user-%d", w%4) }
 
 func quantile(ds []time.Duration, q float64) time.Duration {
 	if len(ds) == 0 {
@@ -157,7 +170,7 @@ func TestAdmissionHoldsTheQueue(t *testing.T) {
 			time.Sleep(1500 * time.Millisecond) // measure once the batch size is learned
 			mean, peak = engineQueue(p, stop)
 		}()
-		out = closedLoop(ctx, url, 12, 30, 50*time.Millisecond)
+		out = closedLoop(ctx, url, 12, 30, 50*time.Millisecond, fourUsers)
 		close(stop)
 		wg.Wait()
 		return mean, peak, out, poolOf(t, p.Addrs()[0])
@@ -219,7 +232,7 @@ func TestBurstFiveTimesCapacity(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}()
-	out := closedLoop(ctx, url, 80, 30, 100*time.Millisecond)
+	out := closedLoop(ctx, url, 80, 30, 100*time.Millisecond, fourUsers)
 	var ok, over int
 	var took []time.Duration
 	for _, a := range out {
@@ -336,34 +349,18 @@ func TestAdmissionIsFair(t *testing.T) {
 		drive(t, url, 8, 2, 20)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		var mu sync.Mutex
 		var lt, ht []time.Duration
-		var wg sync.WaitGroup
-		for w := range 12 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				key := "heavy"
-				if w == 0 {
-					key = "light"
-				}
-				for ctx.Err() == nil {
-					a := post(context.Background(), url, key, 30, "")
-					if a.status != 200 {
-						t.Errorf("%s: %d %v %s", key, a.status, a.err, a.code)
-						return
-					}
-					mu.Lock()
-					if key == "light" {
-						lt = append(lt, a.took)
-					} else {
-						ht = append(ht, a.took)
-					}
-					mu.Unlock()
-				}
-			}()
+		for _, a := range closedLoop(ctx, url, 12, 30, 0, lightAndHeavy) {
+			if a.status != 200 {
+				t.Errorf("%s: %d %v %s", a.key, a.status, a.err, a.code)
+				continue
+			}
+			if a.key == "light" {
+				lt = append(lt, a.took)
+			} else {
+				ht = append(ht, a.took)
+			}
 		}
-		wg.Wait()
 		// the first seconds teach the balancer the batch size: measure
 		// the second half
 		return quantile(lt[len(lt)/2:], 0.5), quantile(ht[len(ht)/2:], 0.5)

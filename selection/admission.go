@@ -66,11 +66,11 @@ func (l *learner) slots(pool reverseproxy.UpstreamPool, now time.Time) (free, bu
 		if !u.Available() || (tiers && l.pool.Tier(u.Dial) > open) {
 			continue
 		}
-		b := l.set.Get(u.Dial)
-		if _, out := b.Load(now); out {
+		n, out := l.set.Get(u.Dial).FreeSlots(now)
+		if out {
 			continue
 		}
-		if b.FreeSlots(now) > 0 {
+		if n > 0 {
 			return true, true
 		}
 		busy = true
@@ -191,7 +191,10 @@ func (t *Transport) unmarshalLimits(d *caddyfile.Dispenser) (bool, error) {
 				return true, d.Errf("unrecognized admission option %q", sub)
 			}
 		}
-		return true, a.Check()
+		if err := a.Check(); err != nil {
+			return true, d.Err(err.Error())
+		}
+		return true, nil
 	}
 	if len(args) == 1 && args[0] == "off" {
 		if d.NextBlock(d.Nesting()) {

@@ -17,7 +17,7 @@ func convHashes(c, turn int) []uint64 {
 	out := make([]uint64, 0, 4*(turn+1))
 	h := uint64(c+1) * 0x9e3779b97f4a7c15
 	for i := 0; i < 4*(turn+1); i++ {
-		h = mix64(h + uint64(i))
+		h = aibalance.Mix64(h + uint64(i))
 		out = append(out, h)
 	}
 	return out

@@ -267,7 +267,7 @@ func (p *AIPredictiveSelection) sessionKey(r *http.Request, f *aibalance.Feature
 }
 
 // hashKey hashes a session key (FNV-1a, mixed), never 0.
-func hashKey(s string) uint64 { return mix64(fnv64(s)) | 1 }
+func hashKey(s string) uint64 { return aibalance.Mix64(aibalance.FNV64(s)) | 1 }
 
 // held reports whether some upstream of pool holds a leading block of f's
 // prompt (see aibalance.Backend.CachedTokens).
@@ -631,7 +631,10 @@ const saturatedPenalty = 1e9
 // the queue): a backend without one loses to any that has, so the request
 // takes the slot that freed, not a place in a full engine's queue.
 func late(score float64, f *aibalance.Features, b *aibalance.Backend, now time.Time) float64 {
-	if f.Ticket != nil && b.FreeSlots(now) == 0 {
+	if f.Ticket == nil {
+		return score
+	}
+	if n, _ := b.FreeSlots(now); n == 0 {
 		return score + saturatedPenalty
 	}
 	return score
@@ -792,27 +795,7 @@ func nearBest(pool reverseproxy.UpstreamPool, cands []scored, key uint64, held f
 // rendezvous is the highest-random-weight hash of key on addr (Thaler and
 // Ravishankar): each key ranks the upstreams in its own order, the same
 // everywhere, and removing one upstream moves only its keys.
-func rendezvous(key uint64, addr string) uint64 { return mix64(fnv64(addr) ^ key) }
-
-// fnv64 is FNV-1a of s.
-func fnv64(s string) uint64 {
-	h := uint64(14695981039346656037)
-	for i := 0; i < len(s); i++ {
-		h ^= uint64(s[i])
-		h *= 1099511628211
-	}
-	return h
-}
-
-// mix64 is splitmix64's finalizer.
-func mix64(x uint64) uint64 {
-	x ^= x >> 30
-	x *= 0xbf58476d1ce4e5b9
-	x ^= x >> 27
-	x *= 0x94d049bb133111eb
-	x ^= x >> 31
-	return x
-}
+func rendezvous(key uint64, addr string) uint64 { return aibalance.Mix64(aibalance.FNV64(addr) ^ key) }
 
 // affinityKey is the request's affinity key: its session key (see
 // sessionKey) when it has one, else the chain hash of its first few prefix blocks (a system
