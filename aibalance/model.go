@@ -84,8 +84,9 @@ import (
 //   - windup: with forgetting and little variation in the inputs the
 //     covariance grows without bound; each coefficient's variance is
 //     capped at its starting value.
-//   - the fit is unconstrained (see predictCoef); a prediction is floored
-//     at a twentieth of the pool's idle TTFT and TPOT.
+//   - monotone in load: no load coefficient may be negative (rls.project
+//     projects θ in the fit's own metric); a prediction is floored at a
+//     twentieth of the pool's idle TTFT and TPOT.
 
 const (
 	ttftDims      = 7
@@ -190,25 +191,30 @@ func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 	// to be at least 1% of the targets
 	r.scale[kind] = max(0.95*s+0.05*min(math.Abs(e), clipSigmas*s), 0.01*r.ymag[kind])
 	// weighted least squares: scale the equation by its noise
-	for i := range x {
-		x[i] /= s
-	}
-	e /= s
-	e = max(min(e, clipSigmas), -clipSigmas)
 	// a backend whose speed changed (a noisy neighbour, thermal throttling,
 	// a restart with another config) leaves residuals of one sign: once
 	// their running mean passes changeBias noise units, the covariance is
 	// reset to its starting width, so the fit re-learns within a few
 	// observations instead of forgetting the old speed over its whole
-	// memory — and the exploration bonus widens with it
-	r.bias[kind] = 0.9*r.bias[kind] + 0.1*e
+	// memory — and the exploration bonus widens with it. The noise scale
+	// is widened to this residual too: a scale learned on a steady engine
+	// would clip every residual of the new speed to a few percent and the
+	// fit would crawl toward it (a 5× slowdown took dozens of requests)
+	r.bias[kind] = 0.9*r.bias[kind] + 0.1*max(min(e/s, clipSigmas), -clipSigmas)
 	if math.Abs(r.bias[kind]) > changeBias {
 		for i := 0; i < modelDims; i++ {
-			r.p[i][i] = max(r.p[i][i], r.p0[i])
+			r.p[i][i] = max(r.p[i][i], r.width(i))
 		}
 		r.bias = [eqKinds]float64{}
 		r.resets++
+		s = max(s, math.Abs(e)/2)
+		r.scale[kind] = s
 	}
+	for i := range x {
+		x[i] /= s
+	}
+	e /= s
+	e = max(min(e, clipSigmas), -clipSigmas)
 
 	px := r.px(&x)
 	xpx := dot(&x, &px)
@@ -245,18 +251,62 @@ func (r *rls) update(x [modelDims]float64, y, lambda float64, kind int) {
 	}
 	// windup: forgetting inflates the variance of coefficients the data
 	// do not excite (a KV input an engine never reports); no coefficient
-	// may grow more uncertain than it was at the start. Scaling row and
+	// may grow more uncertain than its starting width. Scaling row and
 	// column i together keeps P symmetric positive definite.
 	for i := 0; i < modelDims; i++ {
-		if r.p[i][i] > r.p0[i] {
-			f := math.Sqrt(r.p0[i] / r.p[i][i])
+		if w := r.width(i); r.p[i][i] > w {
+			f := math.Sqrt(w / r.p[i][i])
 			for j := 0; j < modelDims; j++ {
 				r.p[i][j] *= f
 				r.p[j][i] *= f
 			}
 		}
 	}
+	r.project()
 }
+
+// loadCoefs are the coefficients of load and prompt size: none may be
+// negative, or a prediction falls as the backend fills and a busy backend
+// attracts more traffic the busier it is.
+var loadCoefs = [...]int{1, 2, 3, 4, 5, 6, ttftDims + 1}
+
+// project moves θ to the nearest point with no negative load coefficient,
+// nearest in the metric of the fit's own uncertainty (P⁻¹): zeroing θᵢ
+// moves every coefficient correlated with it by Pⱼᵢ·θᵢ/Pᵢᵢ, so the fit
+// still explains what it has seen (pending requests and their tokens are
+// correlated: a negative weight on one is mostly the other's). Clamping
+// θᵢ alone would not, and drags the fit off. With several constraints
+// active the projections are repeated; a coefficient still negative after
+// that is set to 0.
+func (r *rls) project() {
+	for pass := 0; pass < 4; pass++ {
+		moved := false
+		for _, i := range loadCoefs {
+			if r.theta[i] >= 0 || !(r.p[i][i] > 0) {
+				continue
+			}
+			f := r.theta[i] / r.p[i][i]
+			for j := 0; j < modelDims; j++ {
+				r.theta[j] -= r.p[j][i] * f
+			}
+			r.theta[i] = 0
+			moved = true
+		}
+		if !moved {
+			return
+		}
+	}
+	for _, i := range loadCoefs {
+		r.theta[i] = max(r.theta[i], 0)
+	}
+}
+
+// width is the largest variance coefficient i may have: its starting
+// variance, or its own square if that is larger. A backend five times
+// slower than the pool's prior has coefficients many starting deviations
+// away; after a change of speed (or back) its fit must be free to move by
+// their own size, not by the prior's.
+func (r *rls) width(i int) float64 { return max(r.p0[i], r.theta[i]*r.theta[i]) }
 
 // px is P·x.
 func (r *rls) px(x *[modelDims]float64) [modelDims]float64 {
@@ -468,12 +518,12 @@ type estimate struct {
 
 // estimate predicts TTFT and TPOT of a request on a backend in state s.
 //
-// The fit's coefficients are used as they are, unconstrained: clamping
-// them (in the recursion or when predicting) breaks the least-squares
-// bookkeeping and, with correlated inputs (pending requests and their
-// tokens), drags the others off. An error that makes a backend look faster
-// attracts traffic and is corrected by what that traffic teaches; one that
-// makes it look slower is what the optimism of Optimistic is for.
+// The fit's coefficients are used as they are: they are kept monotone in
+// load by the projection of rls.project, not clamped here (clamping at
+// prediction time, with correlated inputs such as pending requests and
+// their tokens, drags the others off). An error that makes a backend look
+// faster attracts traffic and is corrected by what that traffic teaches;
+// one that makes it look slower is what the optimism of Optimistic is for.
 func (m *Model) estimate(s LoadState, promptTokens int, prior *Prior, now time.Time) estimate {
 	pTTFT, pTPOT := prior.values()
 	load := s.Inflight + 1

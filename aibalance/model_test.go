@@ -214,3 +214,86 @@ func TestModelStaysSaneOverLongRuns(t *testing.T) {
 		}
 	}
 }
+
+// TestModelIsMonotoneInLoad: an engine whose first-token time does not
+// depend on its running batch at all, only on a knee past its batch limit,
+// observed with noise: an unconstrained fit gives the batch a negative
+// weight about half the time (and pending requests one when the knee takes
+// their share), so a busier backend is predicted faster. No learned load
+// coefficient may be negative, and more load never predicts less time.
+func TestModelIsMonotoneInLoad(t *testing.T) {
+	for seed := uint64(1); seed <= 8; seed++ {
+		var m Model
+		var p Prior
+		r := rand.New(rand.NewPCG(seed, 17))
+		now := time.Unix(1000, 0)
+		for i := 0; i < 3000; i++ {
+			load := float64(r.IntN(24))
+			run := min(load, 12)
+			pending := max(load-12, 0)
+			s := LoadState{Inflight: load, Running: run, Pending: pending, PendingTokens: pending * 800, KV: run / 12, Beyond: max(load+1-12, 0)}
+			prompt, out := 200+r.IntN(2000), 20+r.IntN(200)
+			ttft := 0.03 + 0.02*float64(prompt)/1000 + 0.004*s.Beyond*s.Beyond
+			ttft *= 1 + 0.1*r.NormFloat64()
+			tpot := 0.01 * (1 + 0.1*r.NormFloat64())
+			e2e := ttft + float64(out-1)*tpot
+			m.Observe(Observation{State: s, Stream: true, PromptTokens: prompt, OutputTokens: out, TTFT: secondsToDuration(ttft), E2E: secondsToDuration(e2e)}, 1-1.0/256, &p, now)
+			now = now.Add(10 * time.Millisecond)
+		}
+		st := m.Stats()
+		for name, v := range map[string]float64{"pending": st.TTFTPerPending, "pending tokens": st.TTFTPerPendingKTokens, "prompt": st.TTFTPerKPrompt,
+			"kv": st.TTFTPerKVUsage, "running": st.TTFTPerRunning, "beyond": st.TTFTPerBeyond, "tpot running": st.TPOTPerRunning} {
+			if v < 0 {
+				t.Errorf("seed %d: learned %s coefficient %g < 0", seed, name, v)
+			}
+		}
+		prev := time.Duration(0)
+		for load := 0.0; load < 30; load++ {
+			run := min(load, 12)
+			pending := max(load-12, 0)
+			s := LoadState{Inflight: load, Running: run, Pending: pending, PendingTokens: pending * 800, KV: run / 12, Beyond: max(load+1-12, 0)}
+			got := m.Predict(s, 1000, 100, &p, now).E2E
+			if got < prev {
+				t.Fatalf("seed %d: load %v predicted %v, less than %v at one request fewer", seed, load, got, prev)
+			}
+			prev = got
+		}
+	}
+}
+
+// TestModelFollowsSlowdownAndRecovery: a backend that turns 5× slower and
+// back is re-learned each way from the few observations a balancer sees in
+// five seconds of light traffic to it (a dozen or two).
+func TestModelFollowsSlowdownAndRecovery(t *testing.T) {
+	var m Model
+	var p Prior
+	r := rand.New(rand.NewPCG(5, 6))
+	now := time.Unix(1000, 0)
+	obs := func(speed float64, n int) {
+		for i := 0; i < n; i++ {
+			pending := float64(r.IntN(3))
+			run := float64(r.IntN(8))
+			s := LoadState{Inflight: pending + run, Running: run, Pending: pending, PendingTokens: pending * 500}
+			prompt, out := 100+r.IntN(400), 20+r.IntN(200)
+			ttft, e2e := synthetic(s, prompt, out, speed)
+			m.Observe(Observation{State: s, Stream: true, PromptTokens: prompt, OutputTokens: out, TTFT: ttft, E2E: e2e}, 1-1.0/256, &p, now)
+			now = now.Add(250 * time.Millisecond)
+		}
+	}
+	check := func(when string, speed float64) {
+		s := LoadState{Inflight: 4, Running: 3, Pending: 1, PendingTokens: 300}
+		_, want := synthetic(s, 300, 100, speed)
+		got := m.Predict(s, 300, 100, &p, now).E2E
+		t.Logf("%s: predicted %v, true %v", when, got, want)
+		if e := math.Abs(math.Log(got.Seconds() / want.Seconds())); e > math.Log(1.3) {
+			t.Errorf("%s: predicted %v, true %v", when, got, want)
+		}
+	}
+	obs(1, 400)
+	check("before", 1)
+	obs(0.2, 20)
+	check("20 observations after a 5× slowdown", 0.2)
+	obs(0.2, 400)
+	obs(1, 20)
+	check("20 observations after recovering from a long slowdown", 1)
+}
