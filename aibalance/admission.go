@@ -180,6 +180,34 @@ func Mix64(x uint64) uint64 {
 	return x
 }
 
+// The headers a client names its latency targets in, in milliseconds:
+// ai_predictive prefers a backend predicted to meet them (see SLO).
+const (
+	SLOTTFTHeader = "X-SLO-TTFT-Ms"
+	SLOE2EHeader  = "X-SLO-E2E-Ms"
+)
+
+// maxSLO bounds a target (a day, in ms); past it a target means nothing.
+const maxSLO = 86_400_000
+
+// SLO is the request's latency targets from its X-SLO-TTFT-Ms and
+// X-SLO-E2E-Ms headers, in seconds: time to first token and to the end of
+// the answer. 0 when absent, malformed, not positive or past a day.
+func SLO(r *http.Request) (ttft, e2e float64) {
+	return sloHeader(r.Header.Get(SLOTTFTHeader)), sloHeader(r.Header.Get(SLOE2EHeader))
+}
+
+func sloHeader(v string) float64 {
+	if v == "" {
+		return 0
+	}
+	n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+	if err != nil || !(n > 0) || n > maxSLO {
+		return 0
+	}
+	return n / 1000
+}
+
 // Priority is the request's priority from the header named (0 when
 // absent, malformed or the header is "-"), clamped to ±1000.
 func Priority(r *http.Request, header string) int {
@@ -644,16 +672,40 @@ func (b *Backend) FreeSlots(now time.Time) (free int, out bool) {
 	if _, out := b.Load(now); out {
 		return 0, true
 	}
-	if m, fresh := b.Engine(now); fresh && m.HasWaiting && m.Waiting >= 1 && m.HasKV && m.KVUsage >= kvFull {
+	if b.engineQueued(now) {
 		return 0, false
 	}
-	slots := b.Slots(now)
-	if slots <= 0 {
-		slots = b.EngineSlots(now)
-	}
-	if slots > 0 {
+	if slots := b.Capacity(now); slots > 0 {
 		s := b.State(now)
 		return max(int(float64(slots)-s.Inflight), 0), false
 	}
 	return unbounded, false
+}
+
+// Capacity is the backend's batch capacity as lately seen full — by the
+// balancer's own waits (Slots) or the engine's counts (EngineSlots) — or
+// 0 when unknown.
+func (b *Backend) Capacity(now time.Time) int64 {
+	if slots := b.Slots(now); slots > 0 {
+		return slots
+	}
+	return b.EngineSlots(now)
+}
+
+// Full reports whether a request sent to the backend in state s would wait
+// for a batch slot: its capacity is known and s fills it, or the engine
+// reports a queue beside a full KV cache.
+func (b *Backend) Full(s LoadState, now time.Time) bool {
+	if b.engineQueued(now) {
+		return true
+	}
+	slots := b.Capacity(now)
+	return slots > 0 && s.Inflight+1 > float64(slots)
+}
+
+// engineQueued reports fresh engine metrics with a queue beside a full KV
+// cache: the engine cannot start another request.
+func (b *Backend) engineQueued(now time.Time) bool {
+	m, fresh := b.Engine(now)
+	return fresh && m.HasWaiting && m.Waiting >= 1 && m.HasKV && m.KVUsage >= kvFull
 }

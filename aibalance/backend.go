@@ -20,6 +20,8 @@ type Backend struct {
 	// are scored before the first of them reaches the transport
 	reserved   atomic.Int64
 	reservedAt atomic.Int64 // unix ns of the latest reservation
+	// streams among them, and their prompt tokens: pending work
+	reservedStreams, reservedTokens atomic.Int64
 	// the batch capacity the engine's metrics showed full (see learnSlots)
 	engineSlots    atomic.Int64
 	engineSlotsAt  atomic.Int64
@@ -101,16 +103,18 @@ func (b *Backend) Inflight() (requests, tokens int64) {
 // engine's own counts are up to a scrape interval old; a queue that drains
 // in milliseconds must not look like one that lasts a second.)
 func (b *Backend) State(now time.Time) LoadState {
+	reserved, rStreams, rTokens := b.reservations(now)
 	s := LoadState{
-		Inflight:       float64(b.inflight.Load() + b.Reserved(now)),
+		Inflight:       float64(b.inflight.Load() + reserved),
 		InflightTokens: float64(b.inflightTokens.Load()),
-		PendingTokens:  float64(b.pendingTokens.Load()),
+		PendingTokens:  float64(b.pendingTokens.Load() + rTokens),
+		Pending:        float64(rStreams),
 	}
 	// the sum and the count are two atomics: a racing Begin or FirstToken
 	// can skew one reading of the age, which is clamped at zero
 	since := b.pendingSince.Load()
 	if n := b.pending.Load(); n > 0 {
-		s.Pending = float64(n)
+		s.Pending += float64(n)
 		s.PendingAge = max(float64(sinceEpoch(now)-since/n)/1e6, 0)
 	}
 	s.Running = max(s.Inflight-s.Pending, 0)
@@ -137,15 +141,29 @@ func (b *Backend) State(now time.Time) LoadState {
 
 // Reserve counts a request a policy chose for the backend until its
 // attempt begins (Unreserve): it is in flight for the requests scored in
-// between. A reservation whose attempt never began (the client left in
-// between) stops counting a second after the latest one.
-func (b *Backend) Reserve(now time.Time) {
+// between, and a stream among them pending with its prompt tokens, so a
+// burst scored inside one window spreads by the work it sends. A
+// reservation whose attempt never began (the client left in between)
+// stops counting a second after the latest one.
+func (b *Backend) Reserve(f *Features, now time.Time) {
+	if f.Stream {
+		b.reservedStreams.Add(1)
+		b.reservedTokens.Add(int64(f.PromptTokens))
+	}
 	b.reserved.Add(1)
 	b.reservedAt.Store(now.UnixNano())
 }
 
-// Unreserve ends a reservation: the attempt began.
-func (b *Backend) Unreserve() {
+// Unreserve ends the reservation Reserve made for f: the attempt began.
+func (b *Backend) Unreserve(f *Features) {
+	if f.Stream {
+		if b.reservedStreams.Add(-1) < 0 {
+			b.reservedStreams.Store(0)
+		}
+		if b.reservedTokens.Add(-int64(f.PromptTokens)) < 0 {
+			b.reservedTokens.Store(0)
+		}
+	}
 	if b.reserved.Add(-1) < 0 {
 		b.reserved.Store(0)
 	}
@@ -153,11 +171,18 @@ func (b *Backend) Unreserve() {
 
 // Reserved is the reservations counting at now.
 func (b *Backend) Reserved(now time.Time) int64 {
-	n := b.reserved.Load()
-	if n <= 0 || now.UnixNano()-b.reservedAt.Load() > int64(time.Second) {
-		return 0
-	}
+	n, _, _ := b.reservations(now)
 	return n
+}
+
+// reservations is the reservations counting at now: requests, streams
+// among them and those streams' prompt tokens.
+func (b *Backend) reservations(now time.Time) (n, streams, tokens int64) {
+	n = b.reserved.Load()
+	if n <= 0 || now.UnixNano()-b.reservedAt.Load() > int64(time.Second) {
+		return 0, 0, 0
+	}
+	return n, max(b.reservedStreams.Load(), 0), max(b.reservedTokens.Load(), 0)
 }
 
 // Cooldown is when the backend's last Retry-After ends; zero if none.

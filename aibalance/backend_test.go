@@ -294,3 +294,28 @@ func TestBatchSeenCountsStreams(t *testing.T) {
 		t.Fatal("an ended stream still counts as running")
 	}
 }
+
+// TestReservationsArePendingWork: a stream a policy chose counts as
+// pending with its prompt tokens until its attempt begins, so the next
+// request of a burst sees the work; a non-streaming one only in flight.
+func TestReservationsArePendingWork(t *testing.T) {
+	b := newBackend("r:1")
+	now := time.Now()
+	stream := &Features{Stream: true, PromptTokens: 1500}
+	whole := &Features{PromptTokens: 700}
+	b.Reserve(stream, now)
+	b.Reserve(whole, now)
+	s := b.State(now)
+	if s.Inflight != 2 || s.Pending != 1 || s.PendingTokens != 1500 {
+		t.Fatalf("state with two reservations: %+v", s)
+	}
+	if s := b.State(now.Add(2 * time.Second)); s.Inflight != 0 || s.Pending != 0 || s.PendingTokens != 0 {
+		t.Fatalf("reservations still count two seconds later: %+v", s)
+	}
+	b.Unreserve(stream)
+	b.Unreserve(whole)
+	b.Unreserve(whole) // an extra one never goes negative
+	if s := b.State(now); s.Inflight != 0 || s.Pending != 0 || s.PendingTokens != 0 {
+		t.Fatalf("state after unreserving: %+v", s)
+	}
+}

@@ -184,6 +184,14 @@ func (p *AIPredictiveSelection) Cleanup() error {
 // answers every request with a fast 429 or 500 never looks idle. Backends
 // that asked for a pause with Retry-After, and backends this request has
 // already failed on, are skipped while another is eligible.
+//
+// Scores fall in tiers before times are compared: backends predicted to
+// meet the request's SLO headers (X-SLO-TTFT-Ms, X-SLO-E2E-Ms) before those
+// predicted to miss them, and among each, backends with a free batch slot
+// before full ones (a known capacity reached, or the engine queueing on a
+// full KV cache): the completion-time optimum alone parks requests in a
+// fast engine's queue while a slower one has a slot free, and the
+// first-token tail is those waits.
 func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
 	f := p.app.Features(r)
 	if !p.body.allow(r) {
@@ -210,6 +218,7 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		c.key = affinityKey(f)
 		c.held = func(u *reverseproxy.Upstream) int { return p.set.Get(u.Dial).CachedTokens(f, blockTokens) }
 	}
+	sloTTFT, sloE2E := aibalance.SLO(r)
 	score := func(u *reverseproxy.Upstream) float64 {
 		b := p.set.Get(u.Dial)
 		s := b.State(now)
@@ -219,7 +228,8 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		if affinity {
 			prompt -= b.CachedTokens(f, blockTokens)
 		}
-		mean, sd := b.Model().Score(s, prompt, out, factor, prior, now)
+		m := b.Model()
+		mean, sd := m.Score(s, prompt, out, factor, prior, now)
 		score := aibalance.Optimistic(mean, sd)
 		if home != "" {
 			// another zone's backend is compared on its predicted time
@@ -229,7 +239,19 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 				score = mean*zf + za
 			}
 		}
-		return late(score/(1-min(b.FailureRate(now), maxFailureRate))/p.pool.Weight(u.Dial), f, b, now)
+		score /= (1 - min(b.FailureRate(now), maxFailureRate)) * p.pool.Weight(u.Dial)
+		// tiers, in order: a backend predicted to meet the request's
+		// targets, then one with a free batch slot, then the best time
+		if b.Full(s, now) {
+			score += fullPenalty
+		}
+		if sloTTFT > 0 || sloE2E > 0 {
+			ttft, tpot := m.PredictSeconds(s, prompt, prior, now)
+			if (sloTTFT > 0 && ttft > sloTTFT) || (sloE2E > 0 && ttft+out*tpot > sloE2E) {
+				score += sloPenalty
+			}
+		}
+		return late(score, f, b, now)
 	}
 	var best *reverseproxy.Upstream
 	// a request whose prefix some backend holds compares every backend
@@ -592,10 +614,10 @@ func (l *learner) finish(c *candidates, pool reverseproxy.UpstreamPool, best *re
 		// counted in flight from now, not from when the transport
 		// begins: requests of a burst scored in between see it
 		if old := c.f.Reserved; old != nil {
-			old.Unreserve()
+			old.Unreserve(c.f)
 		}
 		b := l.set.Get(best.Dial)
-		b.Reserve(c.now)
+		b.Reserve(c.f, c.now)
 		c.f.Reserved = b
 	}
 	if best != nil || !l.ours {
@@ -623,9 +645,18 @@ func answering(pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
 	return pool[0]
 }
 
-// saturatedPenalty is added to the score of a full backend for a request
-// that waited in the admission queue: far above any predicted time.
-const saturatedPenalty = 1e9
+// The score tiers (seconds added to a predicted time, far above any):
+// a backend whose batch is full (its known capacity reached) ranks after
+// every backend with a free slot, whatever their predicted times, so a
+// request never waits for a slot while another engine has one; a backend
+// predicted to miss the request's SLO ranks after every one predicted to
+// meet it; and for a request that waited in the admission queue, a full
+// backend ranks last of all (see late).
+const (
+	fullPenalty      = 1e6
+	sloPenalty       = 1e7
+	saturatedPenalty = 1e9
+)
 
 // late is score for a request that waited for a free slot (admitted from
 // the queue): a backend without one loses to any that has, so the request

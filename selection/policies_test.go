@@ -423,3 +423,97 @@ func TestUnobservedIsUncertain(t *testing.T) {
 		t.Fatal("the exploration bonus is not bounded")
 	}
 }
+
+// TestFullBackendLosesToFreeSlot: a backend three times faster whose batch
+// is known full (its engine showed a queue behind an unchanged batch of 4,
+// and 4 are in flight) loses a stream to a slower backend with a free
+// slot, though it would finish it sooner: waiting for a slot is the
+// first-token tail. One request fewer and it wins again.
+func TestFullBackendLosesToFreeSlot(t *testing.T) {
+	p := newPredictive(2, true)
+	defer p.set.Release()
+	pool := testPool(t, 2)
+	now := time.Now()
+	f := func() *aibalance.Features {
+		return &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 200, OutputTokens: 100}
+	}
+	for i := 0; i < 40; i++ {
+		for j, slow := range []float64{1, 3} {
+			a := p.set.Get(pool[j].Dial).Begin(f(), p.pool.Prior(), now)
+			a.FirstToken(now)
+			a.End(aibalance.Outcome{Status: 200, Stream: true, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, p.app.Lambda(), p.pool.Prior(), now)
+		}
+	}
+	fast := p.set.Get(pool[0].Dial)
+	for i := 0; i < 2; i++ {
+		fast.SetEngine(aibalance.EngineMetrics{Waiting: 2, Running: 4, HasWaiting: true, HasRunning: true, At: now.Add(time.Duration(i) * time.Second)}, 5*time.Second)
+	}
+	if got := fast.Capacity(now.Add(time.Second)); got != 4 {
+		t.Fatalf("capacity %d after two scrapes of a queue behind a batch of 4, want 4", got)
+	}
+	var attempts []aibalance.Attempt
+	for i := 0; i < 4; i++ {
+		a := fast.Begin(f(), p.pool.Prior(), now)
+		a.FirstToken(now)
+		attempts = append(attempts, a)
+	}
+	// the engine now shows our 4 running and no queue
+	fast.SetEngine(aibalance.EngineMetrics{Running: 4, HasWaiting: true, HasRunning: true, At: now.Add(time.Second)}, 5*time.Second)
+	p.clock = func() time.Time { return now.Add(time.Second) }
+	req := func() *http.Request {
+		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
+			strings.NewReader(`{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":true}`))
+		return r.WithContext(withVars(r))
+	}
+	if u := p.Select(pool, req(), nil); u != pool[1] {
+		t.Fatalf("with the fast backend's 4 slots taken, a stream went to %s: want the slow backend's free slot", u.Dial)
+	}
+	attempts[0].End(aibalance.Outcome{Status: 200, Stream: true, TTFT: 50 * time.Millisecond, E2E: time.Second, OutputTokens: 100}, p.app.Lambda(), p.pool.Prior(), now.Add(time.Second))
+	if u := p.Select(pool, req(), nil); u != pool[0] {
+		t.Fatalf("with a slot free on the fast backend, a stream went to %s", u.Dial)
+	}
+}
+
+// TestSLOHeadersRankFirst: with ttft_weight 0 a stream goes to the backend
+// that finishes first (800 ms to its first token); a client's
+// X-SLO-TTFT-Ms of 200 sends it to the one predicted to meet that (20 ms
+// first token, slower decode), and a target nobody meets changes nothing.
+func TestSLOHeadersRankFirst(t *testing.T) {
+	p := newPredictive(2, true)
+	p.ttftWeight = 0
+	defer p.set.Release()
+	pool := testPool(t, 2)
+	now := time.Now()
+	for i := 0; i < 40; i++ {
+		for j, o := range []aibalance.Outcome{
+			{Status: 200, Stream: true, TTFT: 800 * time.Millisecond, E2E: 800*time.Millisecond + 99*10*time.Millisecond, OutputTokens: 100},
+			{Status: 200, Stream: true, TTFT: 20 * time.Millisecond, E2E: 20*time.Millisecond + 99*25*time.Millisecond, OutputTokens: 100},
+		} {
+			a := p.set.Get(pool[j].Dial).Begin(&aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 100, OutputTokens: 100}, p.pool.Prior(), now)
+			a.FirstToken(now)
+			a.End(o, p.app.Lambda(), p.pool.Prior(), now)
+		}
+	}
+	req := func(header, v string) *http.Request {
+		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
+			strings.NewReader(`{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":true}`))
+		if header != "" {
+			r.Header.Set(header, v)
+		}
+		return r.WithContext(withVars(r))
+	}
+	for _, tc := range []struct {
+		header, v string
+		want      *reverseproxy.Upstream
+	}{
+		{"", "", pool[0]},
+		{aibalance.SLOTTFTHeader, "200", pool[1]},
+		{aibalance.SLOTTFTHeader, "5", pool[0]},
+		{aibalance.SLOTTFTHeader, "bogus", pool[0]},
+		{aibalance.SLOE2EHeader, "2000", pool[0]},
+	} {
+		if u := p.Select(pool, req(tc.header, tc.v), nil); u != tc.want {
+			t.Errorf("%s: %q: went to %s, want %s", tc.header, tc.v, u.Dial, tc.want.Dial)
+		}
+	}
+}

@@ -256,7 +256,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	f := t.features(req)
 	if r := f.Reserved; r != nil {
 		f.Reserved = nil
-		r.Unreserve() // counted in flight by its attempt from here
+		r.Unreserve(f) // counted in flight by its attempt from here
 	}
 	pool := aibalance.RequestPool(req)
 	if pool != nil && f.Reject != nil {
