@@ -7,7 +7,10 @@
 // /v1/messages (streaming and not), /v1/embeddings (prefill only),
 // /v1/models, /health and vLLM-named Prometheus /metrics, and injects faults
 // on demand. Stream styles vary per engine (Python-spaced JSON, reasoning
-// deltas) and an engine can change speed mid-run.
+// deltas) and an engine can change speed mid-run. A second engine model
+// (Config.Scheduler "budget", budget.go) shares a per-step token budget
+// between decode and prefill and preempts by recompute when its KV cache is
+// full, as vLLM v1 and SGLang do.
 //
 // Tests and benchmarks start servers in-process on loopback (Start, StartPool);
 // examples/llmsim is the command.
@@ -30,6 +33,8 @@ type seq struct {
 	admitted    time.Time
 	aborted     bool
 	blocks      []uint64
+	kv          int  // KV tokens held (budget scheduler)
+	resumed     bool // preempted before: its admission recomputes prompt and output
 }
 
 // engine is the scheduler: one goroutine steps the batch.
@@ -40,10 +45,17 @@ type engine struct {
 	running []*seq
 	cache   *prefixCache
 	srv     *Server
+	budget  bool // the budget scheduler (budget.go)
 }
 
 func newEngine(s *Server) *engine {
-	return &engine{wake: make(chan struct{}, 1), cache: newPrefixCache(s.cfg.CacheBlocks), srv: s}
+	blocks := s.cfg.CacheBlocks
+	budget := s.cfg.Scheduler == SchedulerBudget
+	if budget {
+		// cached blocks live in the KV cache: it holds no more of them
+		blocks = min(blocks, s.cfg.KVTokens/s.cfg.BlockTokens)
+	}
+	return &engine{wake: make(chan struct{}, 1), cache: newPrefixCache(blocks), srv: s, budget: budget}
 }
 
 func (e *engine) submit(q *seq) {
@@ -65,6 +77,9 @@ func (e *engine) abort(q *seq) {
 func (e *engine) counts() (running, waiting, kvTokens int) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.budget {
+		return len(e.running), len(e.waiting), e.kvUsed()
+	}
 	for _, q := range e.running {
 		kvTokens += q.prompt + q.generated
 	}
@@ -140,6 +155,9 @@ func keepLive(list []*seq) []*seq {
 // every sequence past its prefill.
 func (e *engine) plan() stepPlan {
 	cfg := e.srv.config()
+	if e.budget {
+		return e.planBudget(cfg)
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	now := time.Now()
@@ -221,8 +239,8 @@ func newPrefixCache(capacity int) *prefixCache {
 	return &prefixCache{capacity: capacity, order: list.New(), index: map[uint64]*list.Element{}}
 }
 
-// lookupAndInsert returns how many leading blocks were cached, then caches all.
-func (c *prefixCache) lookupAndInsert(blocks []uint64) int {
+// lookup returns how many leading blocks are cached.
+func (c *prefixCache) lookup(blocks []uint64) int {
 	hits := 0
 	for _, h := range blocks {
 		if _, ok := c.index[h]; !ok {
@@ -230,6 +248,12 @@ func (c *prefixCache) lookupAndInsert(blocks []uint64) int {
 		}
 		hits++
 	}
+	return hits
+}
+
+// lookupAndInsert returns how many leading blocks were cached, then caches all.
+func (c *prefixCache) lookupAndInsert(blocks []uint64) int {
+	hits := c.lookup(blocks)
 	for _, h := range blocks {
 		if el, ok := c.index[h]; ok {
 			c.order.MoveToFront(el)

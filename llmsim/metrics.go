@@ -44,10 +44,17 @@ func newMetrics(s *Server) *metrics {
 		defer s.mu.Unlock()
 		return float64(s.started.UnixNano()) / 1e9
 	}))
-	kvCapacity := float64(cfg.CacheBlocks * cfg.BlockTokens)
+	kvCapacity, kvBlocks := float64(cfg.CacheBlocks*cfg.BlockTokens), cfg.CacheBlocks
+	if cfg.Scheduler == SchedulerBudget {
+		kvCapacity, kvBlocks = float64(cfg.KVTokens), cfg.KVTokens/cfg.BlockTokens
+	}
 	gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", func() float64 {
 		_, _, kv := s.eng.counts()
 		return min(float64(kv)/kvCapacity, 1)
+	})
+	// 0 on the default engine, which has no KV limit
+	counterFunc("vllm:num_preemptions_total", "Cumulative number of preemption from the engine.", func() float64 {
+		return float64(s.stats.preemptions.Load())
 	})
 	counterFunc("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens.", func() float64 {
 		return float64(s.stats.queryTokens.Load())
@@ -57,7 +64,7 @@ func newMetrics(s *Server) *metrics {
 	})
 	info := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "vllm:cache_config_info", Help: "Information of the LLMEngine CacheConfig"},
 		[]string{"model_name", "block_size", "num_gpu_blocks"})
-	info.WithLabelValues(cfg.Model, strconv.Itoa(cfg.BlockTokens), strconv.Itoa(cfg.CacheBlocks)).Set(1)
+	info.WithLabelValues(cfg.Model, strconv.Itoa(cfg.BlockTokens), strconv.Itoa(kvBlocks)).Set(1)
 	m.reg.MustRegister(info)
 	buckets := []float64{0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80}
 	ttft := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vllm:time_to_first_token_seconds", Help: "Histogram of time to first token in seconds.", ConstLabels: labels, Buckets: buckets})

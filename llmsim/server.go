@@ -28,6 +28,20 @@ type Config struct {
 	CharsPerToken   int           // default 4
 	DefaultMaxTok   int           // output when a request sets no max_tokens; default 128
 
+	// Scheduler is the engine model. "" (the default) is a vLLM-like batch
+	// of MaxRunning slots with PrefillChunk prefill tokens a step and no KV
+	// limit. SchedulerBudget ("budget") is a vLLM v1 / SGLang-like
+	// scheduler: StepTokens a step shared by decode and chunked prefill, a
+	// KV cache of KVTokens, and preemption by recompute when it runs out.
+	Scheduler string
+	// StepTokens is the budget scheduler's tokens a step, decode and
+	// prefill together (vLLM's max_num_batched_tokens); default 2048.
+	StepTokens int
+	// KVTokens is the budget scheduler's KV cache in tokens; MaxModelLen
+	// is capped to it and the prefix cache holds at most its blocks.
+	// Default CacheBlocks × BlockTokens.
+	KVTokens int
+
 	// SpeedChanges set Speed at times after Start (Listen), in order: an
 	// engine that slows down (thermal throttling, a noisy neighbour) or
 	// recovers mid-run. Default: none.
@@ -45,6 +59,9 @@ type Config struct {
 
 	Faults Faults
 }
+
+// SchedulerBudget is Config.Scheduler's token-budget engine.
+const SchedulerBudget = "budget"
 
 // SpeedChange sets an engine's speed At a time after it starts listening.
 type SpeedChange struct {
@@ -77,6 +94,7 @@ var DefaultConfig = Config{
 	CacheBlocks:     4096,
 	CharsPerToken:   4,
 	DefaultMaxTok:   128,
+	StepTokens:      2048,
 }
 
 func (c Config) withDefaults() Config {
@@ -120,16 +138,52 @@ func (c Config) withDefaults() Config {
 	if c.Faults.RetryAfter == 0 {
 		c.Faults.RetryAfter = time.Second
 	}
+	if c.StepTokens == 0 {
+		c.StepTokens = d.StepTokens
+	}
+	if c.KVTokens == 0 {
+		c.KVTokens = c.CacheBlocks * c.BlockTokens
+	}
+	if c.Scheduler == SchedulerBudget {
+		// as vLLM refuses a context its KV cache cannot hold, and every
+		// admitted sequence then fits alone (so it always progresses)
+		c.MaxModelLen = min(c.MaxModelLen, c.KVTokens)
+	}
 	return c
+}
+
+// validate checks the fields withDefaults cannot mend.
+func (c Config) validate() error {
+	switch c.Scheduler {
+	case "", SchedulerBudget:
+	default:
+		return fmt.Errorf("llmsim: unknown scheduler %q", c.Scheduler)
+	}
+	if c.StepTokens < 0 || c.KVTokens < 0 {
+		return fmt.Errorf("llmsim: negative step_tokens %d or kv_tokens %d", c.StepTokens, c.KVTokens)
+	}
+	return nil
 }
 
 // Capacity estimates the requests per second the engine sustains with a
 // full batch, for requests of the given mean prompt and output tokens and
 // no prefix cache hits. Benchmarks use it to set a load as a fraction of
 // what a pool can serve.
+//
+// The budget scheduler's batch is also bounded by its KV cache and its step
+// budget. The KV cache holds KVTokens / (P + O/2) sequences: a sequence
+// holds its prompt and, averaged over its decode, half its output. Each
+// step decodes b tokens and prefills the b·P/O tokens of the requests that
+// replace the finished ones, so b·(1 + P/O) ≤ StepTokens. Where the KV
+// cache binds this is an upper estimate: it takes the cache as always
+// full, and ignores the spread of lengths (long outputs hold more than
+// O/2 for longer) and the prefill that preempted sequences redo.
 func (c Config) Capacity(promptTokens, outputTokens float64) float64 {
 	c = c.withDefaults()
 	b := float64(c.MaxRunning)
+	if c.Scheduler == SchedulerBudget {
+		b = min(b, float64(c.KVTokens)/(promptTokens+outputTokens/2), float64(c.StepTokens)/(1+promptTokens/outputTokens))
+	}
 	// per step: base + per-sequence decode + the prefill of the requests
 	// that replace finished ones (B/O requests per step, P tokens each)
 	step := c.DecodeBase.Seconds() + c.DecodePerSeq.Seconds()*b + c.PrefillPerToken.Seconds()*promptTokens*b/outputTokens
@@ -150,13 +204,14 @@ type Stats struct {
 	CachedTokens int64 // of which found in the prefix cache
 	OutputTokens int64 // tokens generated
 	HealthProbes int64 // GET /health requests answered
+	Preemptions  int64 // running sequences preempted (budget scheduler)
 	Running      int   // sequences in the batch now
 	Waiting      int   // sequences queued now
 }
 
 type counters struct {
 	requests, completed, errors, rejected, badRequests, cut, hung atomic.Int64
-	healthProbes                                                  atomic.Int64
+	healthProbes, preemptions                                     atomic.Int64
 	queryTokens, cachedTokens, outputTokens                       atomic.Int64
 }
 
@@ -207,6 +262,9 @@ func (s *Server) Listen(addr string) error {
 	defer s.mu.Unlock()
 	if s.ln != nil {
 		return errors.New("llmsim: already listening")
+	}
+	if err := s.cfg.validate(); err != nil {
+		return err
 	}
 	if addr == "" {
 		addr = s.addr
@@ -312,6 +370,7 @@ func (s *Server) Stats() Stats {
 		CachedTokens: s.stats.cachedTokens.Load(),
 		OutputTokens: s.stats.outputTokens.Load(),
 		HealthProbes: s.stats.healthProbes.Load(),
+		Preemptions:  s.stats.preemptions.Load(),
 		Running:      running,
 		Waiting:      waiting,
 	}

@@ -13,25 +13,50 @@ type cell struct {
 	name    string
 	about   string          // what differs from the base cell
 	engines []llmsim.Config // Speed is relative: the matrix's time scale multiplies it
-	// slowIndex is the engine that turns slowFactor times slower a third
-	// into the measured window; -1 for none.
-	slowIndex  int
-	slowFactor float64
-	minPrompt  int
-	maxPrompt  int
-	minOutput  int
-	maxOutput  int
-	nonStream  float64
-	burstOn    time.Duration // on/off arrivals when both are set
-	burstOff   time.Duration
-	load       float64 // offered load as a fraction of the pool's capacity
-	warmup     bool
-	scrape     bool   // the transport may scrape the engines' /metrics
-	shape      string // what prompts share (llmsim.Shape*); min/maxPrompt size each new message
+	// slowIndex is the engine whose speed slowSteps change; -1 for none.
+	slowIndex int
+	slowSteps []slowStep
+	// killIndex is the engine stopped (listener and connections closed:
+	// its streams are cut) killAt into the measured window; -1 for none.
+	killIndex int
+	// failover configures Caddy for every policy as a deployment that
+	// expects failures would: load_balancing retries 2 and passive health
+	// checks (fail_duration 10s), so a refused dial marks the engine down
+	// and is tried on another. Without the health check Caddy's retry may
+	// pick the dead engine again (least_conn does: it has no connections).
+	failover bool
+	// measuredScale and timeScale multiply the matrix's measured window and
+	// time scale for this cell (0: 1), so that a cell of long requests
+	// still completes enough of them.
+	measuredScale float64
+	timeScale     float64
+	fullOnly      bool // left out of the quick matrix
+
+	minPrompt int
+	maxPrompt int
+	minOutput int
+	maxOutput int
+	nonStream float64
+	burstOn   time.Duration // on/off arrivals when both are set
+	burstOff  time.Duration
+	load      float64 // offered load as a fraction of the pool's capacity
+	warmup    bool
+	scrape    bool   // the transport may scrape the engines' /metrics
+	shape     string // what prompts share (llmsim.Shape*); min/maxPrompt size each new message
 	// compare names policies (see matrixPolicies) this cell always runs
 	// besides the matrix's own
 	compare []string
 }
+
+// slowStep sets the slowed engine's speed to its own divided by factor, at
+// a share of the measured window (1 restores it).
+type slowStep struct {
+	at     float64
+	factor float64
+}
+
+// killAt is the share of the measured window after which killIndex stops.
+const killAt = 1.0 / 3
 
 // baseCell is the cell the others vary one factor at a time.
 func baseCell() cell {
@@ -40,6 +65,7 @@ func baseCell() cell {
 		about:     "4 engines of speeds 1, 1, 0.6, 0.3; prompts 50–500, outputs 32–256 tokens; Poisson at 60%; warm-up; metrics scraped",
 		engines:   llmsim.Speeds(1, 1, 0.6, 0.3),
 		slowIndex: -1,
+		killIndex: -1,
 		minPrompt: 50, maxPrompt: 500, minOutput: 32, maxOutput: 256,
 		load:   0.6,
 		warmup: true,
@@ -96,7 +122,15 @@ func allCells() []cell {
 		}
 	})
 	add("pool-slowdown", "the first speed-1 engine turns 3× slower a third into the measured run", func(c *cell) {
-		c.slowIndex, c.slowFactor = 0, 3
+		c.slowIndex, c.slowSteps = 0, []slowStep{{1.0 / 3, 3}}
+	})
+	add("pool-slowrecover", "the first speed-1 engine turns 5× slower a third into the measured run and recovers at two thirds", func(c *cell) {
+		c.slowIndex, c.slowSteps = 0, []slowStep{{1.0 / 3, 5}, {2.0 / 3, 1}}
+		c.fullOnly = true
+	})
+	// failures
+	add("fail-kill", "the first speed-1 engine (one of the fastest) is killed a third into the measured run: its streams are cut, its port refuses; every policy with Caddy's retries 2 and passive health checks", func(c *cell) {
+		c.killIndex, c.failover = 0, true
 	})
 	// engine timing
 	add("timing-fastdecode", "fast decode, slow prefill: decode 4ms + 0.25ms/seq, prefill 120µs/token", func(c *cell) {
@@ -112,6 +146,17 @@ func allCells() []cell {
 		c.minOutput, c.maxOutput = 500, 1500
 		c.engines = mixedFormats(c.engines)
 	})
+	// about 150 requests per measured window at 60%: the window is 3× as
+	// long and the engines 2× as fast (the tokens a second Caddy forwards
+	// double; see presetOptions)
+	add("work-reasoning", "reasoning models: outputs 2000–8000 tokens, the first 1500 streamed as reasoning_content; engines with a 16k-token context and a 256k-token KV cache; measured 3× as long, engines 2× as fast", func(c *cell) {
+		c.minOutput, c.maxOutput = 2000, 8000
+		for i := range c.engines {
+			c.engines[i].MaxModelLen, c.engines[i].CacheBlocks, c.engines[i].ReasoningTokens = 16384, 16384, 1500
+		}
+		c.measuredScale, c.timeScale = 3, 2
+		c.fullOnly = true
+	})
 	add("work-mixedstream", "50% streaming, 50% not; mixed stream formats", func(c *cell) {
 		c.nonStream = 0.5
 		c.engines = mixedFormats(c.engines)
@@ -124,6 +169,16 @@ func allCells() []cell {
 		add(fmt.Sprintf("load-%.0f", l*100), fmt.Sprintf("offered load %.0f%% of capacity", l*100), func(c *cell) { c.load = l })
 	}
 	add("nowarmup", "no warm-up: cold balancer state is measured", func(c *cell) { c.warmup = false })
+	// the other engine model: KV-bound, preempting. 2048 KV tokens hold
+	// about 8 requests of the base cell as they average over their life
+	// (prompt 195 + half of output 108), half the 16 slots: the KV cache,
+	// not the slots, bounds the batch, as on a large model.
+	add("engine-budget", `the budget scheduler (Config.Scheduler "budget": a 2048-token step shared by decode and chunked prefill, preemption by recompute) with a 2048-token KV cache, about 8 requests of the mean size in 16 slots`, func(c *cell) {
+		for i := range c.engines {
+			c.engines[i].Scheduler, c.engines[i].KVTokens = llmsim.SchedulerBudget, 2048
+		}
+		c.fullOnly = true
+	})
 	// what prompts share: prefix-cache affinity. Engines with a KV cache of
 	// 16384 tokens (the working set fits the pool, not one engine) and a
 	// prefill of 120 µs a token (before the time scale), so that holding a
@@ -150,11 +205,21 @@ func allCells() []cell {
 	return cells
 }
 
-// pickCells returns the cells named in list (comma-separated), or all.
-func pickCells(list string) ([]cell, error) {
+// pickCells returns the cells named in list (comma-separated), or every
+// cell of the preset (quick leaves out the fullOnly ones).
+func pickCells(list, preset string) ([]cell, error) {
 	all := allCells()
 	if strings.TrimSpace(list) == "" {
-		return all, nil
+		if preset != "quick" {
+			return all, nil
+		}
+		var out []cell
+		for _, c := range all {
+			if !c.fullOnly {
+				out = append(out, c)
+			}
+		}
+		return out, nil
 	}
 	byName := map[string]cell{}
 	var names []string
@@ -188,7 +253,7 @@ func (c cell) workload(seed uint64, warmup, measured time.Duration) llmsim.Workl
 }
 
 // configs returns the engines of one run: speeds multiplied by scale, the
-// slowdown placed a third into the measured window.
+// speed changes placed in the measured window.
 func (c cell) configs(scale float64, warmup, measured time.Duration) []llmsim.Config {
 	if !c.warmup {
 		warmup = 0
@@ -200,7 +265,10 @@ func (c cell) configs(scale float64, warmup, measured time.Duration) []llmsim.Co
 		}
 		e.Speed *= scale
 		if i == c.slowIndex {
-			e.SpeedChanges = []llmsim.SpeedChange{{At: warmup + measured/3, Speed: e.Speed / c.slowFactor}}
+			for _, st := range c.slowSteps {
+				at := warmup + time.Duration(st.at*float64(measured))
+				e.SpeedChanges = append(e.SpeedChanges, llmsim.SpeedChange{At: at, Speed: e.Speed / st.factor})
+			}
 		}
 		out[i] = e
 	}
@@ -208,8 +276,9 @@ func (c cell) configs(scale float64, warmup, measured time.Duration) []llmsim.Co
 }
 
 // capacities is each engine's capacity in req/s, averaged over the
-// measured window (an engine that slows down counts at each speed for the
-// time it runs at it).
+// measured window: an engine whose speed changes counts at each speed for
+// the share of the window it runs at it, a killed engine for the share
+// before the kill.
 func (c cell) capacities(cfgs []llmsim.Config, warmup, measured time.Duration) []float64 {
 	if !c.warmup {
 		warmup = 0
@@ -218,20 +287,36 @@ func (c cell) capacities(cfgs []llmsim.Config, warmup, measured time.Duration) [
 	mp := llmsim.MeanShapedPrompt(c.shape, c.minPrompt, c.maxPrompt, mo)
 	out := make([]float64, len(cfgs))
 	for i, e := range cfgs {
-		full := e.Capacity(mp, mo)
-		if len(e.SpeedChanges) == 0 || measured <= 0 {
-			out[i] = full
-			continue
+		out[i] = windowCapacity(e, mp, mo, warmup, measured)
+		if i == c.killIndex {
+			out[i] *= killAt
 		}
-		// one change inside the window: the share of time before it at the
-		// first speed, the rest at the new speed
-		ch := e.SpeedChanges[0]
-		before := min(max(float64(ch.At-warmup)/float64(measured), 0), 1)
-		slow := e
-		slow.Speed, slow.SpeedChanges = ch.Speed, nil
-		out[i] = before*full + (1-before)*slow.Capacity(mp, mo)
 	}
 	return out
+}
+
+// windowCapacity is e's capacity averaged over the measured window, which
+// starts at warmup: each speed of e.SpeedChanges (in order) for the share
+// of the window it lasts.
+func windowCapacity(e llmsim.Config, mp, mo float64, warmup, measured time.Duration) float64 {
+	if len(e.SpeedChanges) == 0 || measured <= 0 {
+		return e.Capacity(mp, mo)
+	}
+	at := func(speed float64) float64 {
+		x := e
+		x.Speed, x.SpeedChanges = speed, nil
+		return x.Capacity(mp, mo)
+	}
+	speed, from, total := e.Speed, 0.0, 0.0
+	for _, ch := range e.SpeedChanges {
+		to := min(max(float64(ch.At-warmup)/float64(measured), 0), 1)
+		if to > from {
+			total += (to - from) * at(speed)
+			from = to
+		}
+		speed = ch.Speed
+	}
+	return total + (1-from)*at(speed)
 }
 
 func logUniformMean(a, b int) float64 {

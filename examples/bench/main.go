@@ -88,7 +88,7 @@ func main() {
 		}
 		var cells []cell
 		if err == nil {
-			cells, err = pickCells(list)
+			cells, err = pickCells(list, "full")
 		}
 		if err == nil && len(cells) != 1 {
 			err = fmt.Errorf("-soak runs one cell, got %d", len(cells))
@@ -109,7 +109,7 @@ func main() {
 	if *matrix != "" {
 		o, err := presetOptions(*matrix)
 		if err == nil {
-			o.cells, err = pickCells(*cellList)
+			o.cells, err = pickCells(*cellList, o.preset)
 		}
 		if err == nil {
 			o.policies, err = matrixPolicies(*only)

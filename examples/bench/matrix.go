@@ -35,10 +35,13 @@ type matrixOptions struct {
 // 3.2 ms instead of 16 ms at speed 1) so a short run still has hundreds of
 // requests; ratios between policies are what the matrix reports. A run
 // lasts warm-up + measured + the drain of the requests still in flight
-// (about the longest request: 1–2 s, 10 s in work-longgen) + ~0.5 s set-up:
+// (about the longest request: 1–2 s, 10 s in work-longgen) + ~0.5 s set-up.
+// work-reasoning measures 3× as long with engines 2× as fast (its own
+// scales): 45 s + a drain of up to ~30 s, some 180 requests of 2000–8000
+// tokens at ~17k tokens a second through Caddy, twice the other cells'.
 //
-//	full:  19 cells × 3 seeds × 2 policies × ~19 s ≈ 36 min
-//	quick: 19 cells × 1 seed  × 2 policies × ~7.5 s ≈ 5 min
+//	full:  (22 cells × 2 policies + the aff- cells' 2 more) × 3 seeds × ~18 s + work-reasoning's 6 × ~80 s ≈ 53 min
+//	quick: (20 cells × 2 policies + 6) × 1 seed × ~7.5 s ≈ 6 min (the fullOnly cells left out)
 func presetOptions(name string) (matrixOptions, error) {
 	switch name {
 	case "full":
@@ -47,6 +50,17 @@ func presetOptions(name string) (matrixOptions, error) {
 		return matrixOptions{preset: name, seeds: 1, warmup: 2 * time.Second, measured: 3 * time.Second, drain: time.Minute, timeScale: 5}, nil
 	}
 	return matrixOptions{}, fmt.Errorf("unknown matrix %q: want quick or full", name)
+}
+
+// forCell is o with cell c's own measured window and time scale.
+func (o matrixOptions) forCell(c cell) matrixOptions {
+	if c.measuredScale > 0 {
+		o.measured = time.Duration(float64(o.measured) * c.measuredScale)
+	}
+	if c.timeScale > 0 {
+		o.timeScale *= c.timeScale
+	}
+	return o
 }
 
 // matrixPolicy is a selection policy and the transport it runs with.
@@ -117,6 +131,9 @@ type runResult struct {
 	requests                         int
 	fastShare, fastCapShare          float64 // the fastest engines' share of requests and of capacity
 	hitRate                          float64 // the engines' prefix cache hits over their prompt tokens
+	cut                              int     // streams cut by the kill (not in errors)
+	afterKillTTFTp99                 time.Duration
+	preemptions                      int64 // the engines' preemptions (budget scheduler)
 	side                             llmsim.SideStats
 	wall                             time.Duration
 }
@@ -137,7 +154,7 @@ func runOnce(o matrixOptions, c cell, p matrixPolicy, seed uint64) (runResult, e
 	if err != nil {
 		return res, err
 	}
-	px := harness.Proxy{Port: port, Upstreams: pool.Addrs(), Policy: p.selection, Transport: p.transport(c)}
+	px := c.proxy(p, port, pool.Addrs())
 	base, err := px.Start()
 	if err != nil {
 		return res, err
@@ -165,6 +182,21 @@ func runOnce(o matrixOptions, c cell, p matrixPolicy, seed uint64) (runResult, e
 	from, to := t0.Add(w.Warmup), t0.Add(w.Duration)
 	var mu sync.Mutex
 	var doneReqs, doneToks int
+	// the kill: a request that failed on the killed engine and started
+	// before it was stopped is a cut stream
+	var killed string
+	var killedAt time.Time
+	if c.killIndex >= 0 {
+		sv := pool.Servers[c.killIndex]
+		killed = sv.Addr()
+		kill := time.AfterFunc(w.Warmup+time.Duration(killAt*float64(o.measured)), func() {
+			sv.Stop()
+			mu.Lock()
+			killedAt = time.Now()
+			mu.Unlock()
+		})
+		defer kill.Stop()
+	}
 	w.OnResult = func(r llmsim.Record) {
 		end := r.Started.Add(r.E2E)
 		if r.Err == nil && r.Status == http.StatusOK && !end.Before(from) && end.Before(to) {
@@ -211,9 +243,12 @@ func runOnce(o matrixOptions, c cell, p matrixPolicy, seed uint64) (runResult, e
 	}
 	ok := s.Requests - s.Errors
 	res.ttftP50, res.ttftP99, res.e2eP50, res.e2eP99 = s.TTFT.P50, s.TTFT.P99, s.E2E.P50, s.E2E.P99
-	res.errors, res.requests = s.Errors, s.Requests
 	mu.Lock()
 	defer mu.Unlock()
+	if killed != "" {
+		res.cut, res.afterKillTTFTp99 = cutStreams(recs, killed, killedAt)
+	}
+	res.errors, res.requests = s.Errors-res.cut, s.Requests
 	res.reqPerSec, res.tokPerSec = float64(doneReqs)/o.measured.Seconds(), float64(doneToks)/o.measured.Seconds()
 
 	// the fastest engines: every engine within 1% of the highest capacity
@@ -241,11 +276,42 @@ func runOnce(o matrixOptions, c cell, p matrixPolicy, seed uint64) (runResult, e
 		st := sv.Stats()
 		cached += st.CachedTokens
 		prompt += st.PromptTokens
+		res.preemptions += st.Preemptions
 	}
 	res.hitRate = float64(cached) / float64(max(prompt, 1))
 	res.fastCapShare = fastCap / total
 	res.wall = time.Since(began)
 	return res, nil
+}
+
+// proxy is the Caddy reverse_proxy of policy p in cell c.
+func (c cell) proxy(p matrixPolicy, port int, upstreams []string) harness.Proxy {
+	px := harness.Proxy{Port: port, Upstreams: upstreams, Policy: p.selection, Transport: p.transport(c)}
+	if c.failover {
+		px.Extra = map[string]any{
+			"load_balancing": map[string]any{"selection_policy": p.selection, "retries": 2},
+			"health_checks":  map[string]any{"passive": map[string]any{"fail_duration": "10s"}},
+		}
+	}
+	return px
+}
+
+// cutStreams counts the requests that failed on the killed engine having
+// started before it was killed, and returns the TTFT p99 of the streams
+// that started after the kill and completed (on the survivors).
+func cutStreams(recs []llmsim.Record, killed string, killedAt time.Time) (int, time.Duration) {
+	cut := 0
+	var after []llmsim.Record
+	for _, r := range recs {
+		failed := r.Err != nil || r.Status != http.StatusOK
+		switch {
+		case failed && r.Backend == killed && r.Started.Before(killedAt):
+			cut++
+		case !failed && !killedAt.IsZero() && !r.Started.Before(killedAt):
+			after = append(after, r)
+		}
+	}
+	return cut, llmsim.Summarize(after, time.Second).TTFT.P99
 }
 
 // cellResult is every run of a cell, by policy.
@@ -281,25 +347,26 @@ func runMatrix(o matrixOptions, out io.Writer) error {
 		n += o.seeds * len(o.cellPolicies(c))
 	}
 	fmt.Fprintf(out, "# Routing matrix (%s), %s\n\n", o.preset, time.Now().UTC().Format("2006-01-02"))
-	fmt.Fprintf(out, "%d cells × %d seeds × %d policies (the aff- cells add their comparisons) = %d runs; each run: a fresh simulated pool and a freshly loaded Caddy, %v warm-up (cells with warm-up) + %v measured, engine speeds ×%g; %d CPUs, %s.",
+	fmt.Fprintf(out, "%d cells × %d seeds × %d policies (the aff- cells add their comparisons) = %d runs; each run: a fresh simulated pool and a freshly loaded Caddy, %v warm-up (cells with warm-up) + %v measured, engine speeds ×%g (a cell with its own says so); %d CPUs, %s.",
 		len(o.cells), o.seeds, len(o.policies), n, o.warmup, o.measured, o.timeScale, runtime.NumCPU(), runtime.Version())
 	fmt.Fprint(out, "\n\n")
 	var results []cellResult
 	done := 0
 	for _, c := range o.cells {
+		oc := o.forCell(c)
 		cr := cellResult{cell: c, runs: map[string][]runResult{}}
-		cr.caps = c.capacities(c.configs(o.timeScale, o.warmup, o.measured), o.warmup, o.measured)
+		cr.caps = c.capacities(c.configs(oc.timeScale, oc.warmup, oc.measured), oc.warmup, oc.measured)
 		policies := o.cellPolicies(c)
 		for seed := 1; seed <= o.seeds; seed++ {
 			for _, p := range policies {
-				r, err := runOnce(o, c, p, uint64(seed))
+				r, err := runOnce(oc, c, p, uint64(seed))
 				if err != nil {
 					return fmt.Errorf("cell %s, seed %d, %s: %w", c.name, seed, p.name, err)
 				}
 				done++
 				if o.progress != nil {
-					fmt.Fprintf(o.progress, "bench: [%d/%d] %s seed %d %s: %d requests, %d errors, %.1fs (total %s)\n",
-						done, n, c.name, seed, p.name, r.requests, r.errors, r.wall.Seconds(), time.Since(start).Round(time.Second))
+					fmt.Fprintf(o.progress, "bench: [%d/%d] %s seed %d %s: %d requests, %d errors, %d cut, %d preemptions, %.1fs (total %s)\n",
+						done, n, c.name, seed, p.name, r.requests, r.errors, r.cut, r.preemptions, r.wall.Seconds(), time.Since(start).Round(time.Second))
 				}
 				cr.runs[p.name] = append(cr.runs[p.name], r)
 			}
@@ -307,7 +374,7 @@ func runMatrix(o matrixOptions, out io.Writer) error {
 		for _, p := range policies {
 			cr.order = append(cr.order, p.name)
 		}
-		printCell(out, o, cr)
+		printCell(out, o, oc, cr)
 		results = append(results, cr)
 	}
 	printSummary(out, o, results)
@@ -364,9 +431,36 @@ var figures = []struct {
 	{"errors", func(r runResult) float64 { return float64(r.errors) }},
 	{"fastest share", func(r runResult) float64 { return r.fastShare }},
 	{"prefix hits", func(r runResult) float64 { return r.hitRate }},
+	// the columns of some cells only (extraFigures)
+	{"cut streams", func(r runResult) float64 { return float64(r.cut) }},
+	{"TTFT p99 after kill", secs(func(r runResult) time.Duration { return r.afterKillTTFTp99 })},
+	{"preemptions", func(r runResult) float64 { return float64(r.preemptions) }},
 }
 
-func printCell(out io.Writer, o matrixOptions, cr cellResult) {
+// Indexes into figures.
+const (
+	figErrors   = 6
+	figCut      = 9
+	figAfterTTF = 10
+	figPreempt  = 11
+	baseFigures = 9 // figures[:baseFigures] are every cell's columns
+)
+
+// extraFigures are the columns cell c adds after side traffic: the kill's
+// cut streams and survivors' TTFT, a budget engine's preemptions.
+func extraFigures(c cell) []int {
+	var out []int
+	if c.killIndex >= 0 {
+		out = append(out, figCut, figAfterTTF)
+	}
+	if slices.ContainsFunc(c.engines, func(e llmsim.Config) bool { return e.Scheduler == llmsim.SchedulerBudget }) {
+		out = append(out, figPreempt)
+	}
+	return out
+}
+
+// printCell writes a cell's table; oc is o with the cell's own scales.
+func printCell(out io.Writer, o, oc matrixOptions, cr cellResult) {
 	c := cr.cell
 	speeds := make([]string, len(c.engines))
 	for i, e := range c.engines {
@@ -377,17 +471,28 @@ func printCell(out io.Writer, o matrixOptions, cr cellResult) {
 		total += x
 	}
 	fmt.Fprintf(out, "## %s\n\n%s. Engines %s (×%g); capacity %.1f req/s, offered %.1f req/s (%.0f%%)",
-		c.name, c.about, strings.Join(speeds, ", "), o.timeScale, total, c.load*total, 100*c.load)
+		c.name, c.about, strings.Join(speeds, ", "), oc.timeScale, total, c.load*total, 100*c.load)
+	if oc.measured != o.measured {
+		fmt.Fprintf(out, "; %v measured", oc.measured)
+	}
+	if c.failover {
+		fmt.Fprint(out, "; Caddy retries 2, passive health checks (fail_duration 10s)")
+	}
 	if !c.scrape {
 		fmt.Fprint(out, `; transport "engine": "none"`)
 	}
 	fmt.Fprint(out, ".\n\n")
-	fmt.Fprintln(out, "| policy | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 | req/s | out tok/s | errors | fastest share / capacity share | prefix cache hits | side traffic unexpected |")
-	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|---|---|")
+	extra := extraFigures(c)
+	head := "| policy | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 | req/s | out tok/s | errors | fastest share / capacity share | prefix cache hits | side traffic unexpected |"
+	for _, i := range extra {
+		head += " " + figures[i].name + " |"
+	}
+	fmt.Fprintln(out, head)
+	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|---|---|"+strings.Repeat("---|", len(extra)))
 	for _, name := range cr.order {
 		runs := cr.runs[name]
 		cells := []string{name}
-		for _, f := range figures {
+		for _, f := range figures[:baseFigures] {
 			s := statOf(runs, f.get)
 			switch f.name {
 			case "req/s":
@@ -415,6 +520,14 @@ func printCell(out io.Writer, o matrixOptions, cr cellResult) {
 			}
 		}
 		cells = append(cells, note)
+		for _, i := range extra {
+			s := statOf(runs, figures[i].get)
+			if i == figAfterTTF {
+				cells = append(cells, s.format(msf))
+			} else {
+				cells = append(cells, s.format(num(0)))
+			}
+		}
 		fmt.Fprintln(out, "| "+strings.Join(cells, " | ")+" |")
 	}
 	fmt.Fprintln(out)
@@ -469,6 +582,15 @@ func misses(cr cellResult, test, base string) (ratios []float64, miss []string) 
 			miss = append(miss, "E2E p99 > 0.8 (affinity)")
 		}
 	}
+	if cr.cell.killIndex >= 0 {
+		// the kill's targets; its cut streams are not errors
+		if r := ratio(figAfterTTF); r > 1.2 {
+			miss = append(miss, fmt.Sprintf("TTFT p99 after kill %.2f× > 1.2×", r))
+		}
+		if ct, cb := med(t, figCut), med(b, figCut); ct > cb {
+			miss = append(miss, fmt.Sprintf("cut streams %.0f > %.0f", ct, cb))
+		}
+	}
 	for _, r := range t {
 		if r.errors > 0 {
 			miss = append(miss, "errors")
@@ -496,8 +618,8 @@ func printSummary(out io.Writer, o matrixOptions, results []cellResult) {
 			}
 			row = append(row, fmt.Sprintf("%.2f", x))
 		}
-		errT := statOf(cr.runs[test], figures[6].get).med
-		errB := statOf(cr.runs[base], figures[6].get).med
+		errT := statOf(cr.runs[test], figures[figErrors].get).med
+		errB := statOf(cr.runs[base], figures[figErrors].get).med
 		row = append(row, fmt.Sprintf("%.0f / %.0f", errT, errB), fmt.Sprintf("%.2f", ratios[5]))
 		mark := "✓"
 		if len(miss) > 0 {
@@ -507,5 +629,5 @@ func printSummary(out io.Writer, o matrixOptions, results []cellResult) {
 		row = append(row, mark)
 		fmt.Fprintln(out, "| "+strings.Join(row, " | ")+" |")
 	}
-	fmt.Fprintf(out, "\n%d of %d cells miss a target. Targets: TTFT p99 and E2E p99 ratios ≤ 1.05; in heterogeneous cells at ≥ 60%% load E2E p99 ≤ 0.6 and TTFT p99 ≤ 0.8; the fastest engines get at least half their capacity share; no errors; in the aff- cells, twice the prefix cache hits, TTFT p50 ≤ 0.5 and E2E p99 ≤ 0.8.\n", missed, len(results))
+	fmt.Fprintf(out, "\n%d of %d cells miss a target. Targets: TTFT p99 and E2E p99 ratios ≤ 1.05; in heterogeneous cells at ≥ 60%% load E2E p99 ≤ 0.6 and TTFT p99 ≤ 0.8; the fastest engines get at least half their capacity share; no errors; in the aff- cells, twice the prefix cache hits, TTFT p50 ≤ 0.5 and E2E p99 ≤ 0.8; in fail-kill, TTFT p99 after the kill ≤ 1.2 and no more cut streams (which are not errors) than %s.\n", missed, len(results), base)
 }
