@@ -38,14 +38,15 @@ import (
 //
 // Bounds: the queue holds at most MaxQueue requests, and a request waits
 // at most MaxWait. A request that finds the queue full, or whose wait the
-// pool's drain rate predicts to exceed MaxWait, is answered at once (503,
-// server_overloaded, with Retry-After: the predicted wait); one that waited
-// MaxWait gets the same answer.
+// pool's drain rate predicts to exceed half of MaxWait, is answered at once (429,
+// server_overloaded, with Retry-After: the predicted wait; 529
+// overloaded_error on the Messages API); one that waited MaxWait gets the
+// same answer.
 
 // Admission defaults.
 const (
 	DefaultMaxQueue       = 1024
-	DefaultMaxWait        = 30 * time.Second
+	DefaultMaxWait        = 10 * time.Second
 	DefaultPriorityHeader = "X-Priority"
 	// MaxQueueLimit and MaxWaitLimit bound the settings themselves.
 	MaxQueueLimit  = 1 << 20
@@ -53,6 +54,9 @@ const (
 	admissionTick  = 50 * time.Millisecond
 	transitTimeout = time.Second
 	maxPriority    = 1000
+	// waitMargin is the share of max_wait a predicted wait may take and
+	// still be queued (see Wait)
+	waitMargin = 0.5
 )
 
 // AdmissionConfig is a pool's admission control (JSON under the
@@ -62,7 +66,7 @@ type AdmissionConfig struct {
 	Off bool `json:"off,omitempty"`
 	// MaxQueue bounds the requests waiting. Default: 1024.
 	MaxQueue int `json:"max_queue,omitempty"`
-	// MaxWait bounds one request's wait. Default: 30s.
+	// MaxWait bounds one request's wait. Default: 10s.
 	MaxWait caddy.Duration `json:"max_wait,omitempty"`
 	// Key tells users apart for fairness (see KeySpec). Default: api_key.
 	Key *KeySpec `json:"key,omitempty"`
@@ -261,6 +265,7 @@ type Admission struct {
 	queued   atomic.Int64
 	capacity func(now time.Time) int // free slots over the pool (see Pool.FreeSlots)
 	drain    func(now time.Time) float64
+	backlog  func(now time.Time) int // requests queued in the engines (see Pool.Backlog); nil: none
 
 	mu      sync.Mutex
 	flows   map[uint64]*flow // by key ^ priority
@@ -369,10 +374,18 @@ func (a *Admission) Wait(ctx context.Context, r *http.Request, f *Features, now 
 		return nil, overload(rate, n, s, "the balancer's queue is full")
 	}
 	// the wait predicted from the pool's drain rate for the requests
-	// that go before this one: those of its priority and higher
+	// that go before this one: those of its priority and higher, and
+	// those already queued inside the engines, which start first
 	ahead := a.aheadOf(prio)
+	if a.backlog != nil {
+		ahead += a.backlog(now)
+	}
 	if ahead > 0 && rate > 0 {
-		if est := time.Duration(float64(ahead+1) / rate * float64(time.Second)); est > s.maxWait {
+		// with a margin: the drain rate moves (a burst's requests finish
+		// together, engines slow under load), and a request admitted on
+		// an estimate a little short would wait out max_wait and be
+		// refused late instead of at once
+		if est := time.Duration(float64(ahead+1) / rate * float64(time.Second)); est > time.Duration(float64(s.maxWait)*waitMargin) {
 			a.mu.Unlock()
 			a.overloaded.Add(1)
 			return nil, overload(rate, int64(ahead), s, "the predicted wait exceeds max_wait")
@@ -431,9 +444,13 @@ func (a *Admission) admit(w *waiter) *Ticket {
 	return &Ticket{a: a}
 }
 
-// overload is the answer to a request the queue cannot take: 503 with a
+// overload is the answer to a request the queue cannot take: 429 with a
 // Retry-After of the predicted time for queued requests to drain at rate
-// (per second).
+// (per second). 429, not 503: clients and SDKs back off on a 429 by its
+// Retry-After, and a router in front (LiteLLM) cools this deployment down
+// and sends elsewhere, which is what an overloaded pool needs. The
+// Messages API gets Anthropic's 529 overloaded_error (see
+// selection.rejectResponse).
 func overload(rate float64, queued int64, s *admissionSettings, why string) *Reject {
 	after := s.maxWait
 	if rate > 0 {
@@ -441,7 +458,7 @@ func overload(rate float64, queued int64, s *admissionSettings, why string) *Rej
 	}
 	after = max(min(after, 10*s.maxWait), time.Second)
 	return &Reject{
-		Status: http.StatusServiceUnavailable, Type: "server_overloaded", Code: "server_overloaded",
+		Status: http.StatusTooManyRequests, Type: "server_overloaded", Code: "server_overloaded",
 		Message:    "every backend is busy and " + why + "; retry after the time given",
 		RetryAfter: after,
 	}
@@ -636,25 +653,52 @@ func (p *Pool) FreeSlots(now time.Time) int {
 	return free
 }
 
+// Backlog is how many requests in flight at the pool's backends wait in
+// an engine's queue: those beyond each backend's known batch capacity.
+func (p *Pool) Backlog(now time.Time) int {
+	n := 0
+	for _, addr := range p.Members() {
+		b, ok := LookupBackend(addr)
+		if !ok {
+			continue
+		}
+		if slots := b.Capacity(now); slots > 0 {
+			n += max(int(b.inflight.Load())-int(slots), 0)
+		}
+	}
+	return n
+}
+
 // DrainRate is how many requests per second the pool finishes, for the
 // wait a queued request is told to expect: the rate its backends took
-// requests over the last seconds, or, before there is one, what the
-// learned completion times say their known batches finish.
+// requests over the last seconds, but no more than what the learned
+// completion times say their known batches finish. The rate taken alone
+// overstates the drain right after a burst that went to the engines'
+// own queues before their batches were known full (taken, not finished),
+// and a queue admitted on it waits out max_wait instead of being told at once.
 func (p *Pool) DrainRate(now time.Time) float64 {
 	rate, model := 0.0, 0.0
+	known := true
 	for _, addr := range p.Members() {
 		b, ok := LookupBackend(addr)
 		if !ok {
 			continue
 		}
 		rate += b.RecentRate(now)
-		if slots := b.Slots(now); slots > 0 {
-			if e2e := math.Float64frombits(b.e2eEWMA.Load()); e2e > 0 {
-				model += float64(slots) / e2e
-			}
+		if _, out := b.Load(now); out {
+			continue
+		}
+		e2e := math.Float64frombits(b.e2eEWMA.Load())
+		if slots := b.Capacity(now); slots > 0 && e2e > 0 {
+			model += float64(slots) / e2e
+		} else {
+			known = false
 		}
 	}
-	if rate > 0 {
+	switch {
+	case rate > 0 && known && model > 0:
+		return min(rate, model)
+	case rate > 0:
 		return rate
 	}
 	return model

@@ -110,14 +110,14 @@ func TestAdmissionFairOrder(t *testing.T) {
 }
 
 // TestAdmissionBounds: a full queue and a wait past max_wait are answered
-// 503 with a Retry-After from the drain rate; a canceled waiter leaves.
+// 429 with a Retry-After from the drain rate; a canceled waiter leaves.
 func TestAdmissionBounds(t *testing.T) {
 	var mu sync.Mutex
 	free := 0
 	a := testAdmission(&AdmissionConfig{MaxQueue: 2, MaxWait: caddy.Duration(50 * time.Millisecond)}, &free, &mu, 0)
-	// waits max_wait, then 503
+	// waits max_wait, then 429
 	tk, rej := a.Wait(context.Background(), keyed("a", ""), nil, time.Now())
-	if tk != nil || rej == nil || rej.Status != http.StatusServiceUnavailable || rej.RetryAfter < time.Second {
+	if tk != nil || rej == nil || rej.Status != http.StatusTooManyRequests || rej.RetryAfter < time.Second {
 		t.Fatalf("timed out: ticket %v, reject %+v", tk, rej)
 	}
 	// canceled: nil, nil
@@ -156,12 +156,12 @@ func TestAdmissionBounds(t *testing.T) {
 }
 
 // TestAdmissionPredictedWait: with a queue ahead and a drain rate that
-// predicts a wait past max_wait, a request is answered at once, told to
-// come back after the predicted wait.
+// predicts a wait past half of max_wait (the margin), a request is
+// answered at once, told to come back after the predicted wait.
 func TestAdmissionPredictedWait(t *testing.T) {
 	var mu sync.Mutex
 	free := 0
-	a := testAdmission(&AdmissionConfig{MaxWait: caddy.Duration(3500 * time.Millisecond)}, &free, &mu, 1) // 1 request/s
+	a := testAdmission(&AdmissionConfig{MaxWait: caddy.Duration(7 * time.Second)}, &free, &mu, 1) // 1 request/s
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	for range 3 {
@@ -253,7 +253,7 @@ func TestAdmissionPriorityEvicts(t *testing.T) {
 	}()
 	select {
 	case rej := <-results:
-		if rej == nil || rej.Status != 503 {
+		if rej == nil || rej.Status != http.StatusTooManyRequests {
 			t.Fatalf("evicted waiter got %+v", rej)
 		}
 	case <-time.After(5 * time.Second):

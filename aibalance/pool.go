@@ -219,6 +219,7 @@ func NewPool(key string) *Pool {
 	p := &Pool{key: key}
 	p.admission.capacity = p.FreeSlots
 	p.admission.drain = p.DrainRate
+	p.admission.backlog = p.Backlog
 	return p
 }
 

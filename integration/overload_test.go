@@ -210,7 +210,7 @@ func TestAdmissionHoldsTheQueue(t *testing.T) {
 }
 
 // TestBurstFiveTimesCapacity: 80 clients against 16 batch slots, with a
-// short queue: requests beyond it are answered 503 server_overloaded with
+// short queue: requests beyond it are answered 429 server_overloaded with
 // a Retry-After at once; the admitted keep a bounded latency; goroutines
 // and heap come back when the burst ends.
 func TestBurstFiveTimesCapacity(t *testing.T) {
@@ -240,7 +240,7 @@ func TestBurstFiveTimesCapacity(t *testing.T) {
 		case a.err == nil && a.status == 200:
 			ok++
 			took = append(took, a.took)
-		case a.status == http.StatusServiceUnavailable && a.code == "server_overloaded" && a.retryAfter != "":
+		case a.status == http.StatusTooManyRequests && a.code == "server_overloaded" && a.retryAfter != "":
 			over++
 		default:
 			t.Fatalf("unexpected answer: %d %v %q (Retry-After %q)", a.status, a.err, a.code, a.retryAfter)
@@ -263,7 +263,7 @@ func TestBurstFiveTimesCapacity(t *testing.T) {
 			break
 		}
 	}
-	t.Logf("%d requests in 5 s: %d served (E2E p50 %s, p99 %s, max %s), %d answered 503 with Retry-After; queue: %d admitted after a wait (p99 %.3fs), %d overloaded, %d timed out; goroutines %d before, peak %d, %d after; heap %.1f MiB before, %.1f after",
+	t.Logf("%d requests in 5 s: %d served (E2E p50 %s, p99 %s, max %s), %d answered 429 with Retry-After; queue: %d admitted after a wait (p99 %.3fs), %d overloaded, %d timed out; goroutines %d before, peak %d, %d after; heap %.1f MiB before, %.1f after",
 		len(out), ok, quantile(took, 0.5).Round(time.Millisecond), quantile(took, 0.99).Round(time.Millisecond), quantile(took, 1).Round(time.Millisecond), over,
 		view.Admitted, view.WaitP99, view.Overloaded, view.TimedOut, g0, peakG.Load(), g1, float64(h0)/(1<<20), float64(h1)/(1<<20))
 	if g1 > g0+pooled || peakG.Load() > 2000 {
@@ -377,7 +377,7 @@ func TestAdmissionIsFair(t *testing.T) {
 // TestAdmissionNonStreaming: non-streaming requests show no first token,
 // so the balancer cannot observe their waits; the engines' metrics (a
 // queue behind a full batch on consecutive scrapes) tell it the pool is
-// full, and a burst is answered 503 past a short queue instead of piling
+// full, and a burst is answered 429 past a short queue instead of piling
 // into the engines.
 func TestAdmissionNonStreaming(t *testing.T) {
 	tester := caddytest.NewTester(t)
@@ -418,7 +418,106 @@ func TestAdmissionNonStreaming(t *testing.T) {
 	}
 	wg.Wait()
 	t.Logf("answers %v; engines' queues peaked at %d (24 clients, 4 batch slots)", codes, peak)
-	if codes[http.StatusServiceUnavailable] == 0 || codes[200] == 0 || len(codes) != 2 {
-		t.Fatalf("answers %v: want 200s and 503s only", codes)
+	if codes[http.StatusTooManyRequests] == 0 || codes[200] == 0 || len(codes) != 2 {
+		t.Fatalf("answers %v: want 200s and 429s only", codes)
+	}
+}
+
+// TestOverloadShedsUnderDefaults: ai_proxy with its defaults, two engines
+// of 2 slots (about 4.4 requests a second at 100 output tokens), offered
+// five times that for 8 seconds, open loop — a fifth of it Anthropic
+// Messages. The pool serves what it can with an admitted E2E p99 within
+// 15 s, and answers the rest at once: 429 server_overloaded with
+// Retry-After for the OpenAI API, 529 overloaded_error for /v1/messages,
+// never after waiting out the queue's bound.
+func TestOverloadShedsUnderDefaults(t *testing.T) {
+	if testing.Short() {
+		t.Skip("20 s of overload")
+	}
+	tester := caddytest.NewTester(t)
+	cfg := llmsim.Config{MaxRunning: 2}
+	p := pool(t, cfg, cfg)
+	base := aiProxy(t, tester, upstreams(p), "")
+	capacity := 2 * cfg.Capacity(10, 100)
+	rate := 5 * capacity
+	type result struct {
+		messages bool
+		status   int
+		took     time.Duration
+		retry    string
+		kind     string
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	results := make(chan result, 1024)
+	n := int(rate * 8)
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		time.Sleep(time.Until(start.Add(time.Duration(float64(i) / rate * float64(time.Second)))))
+		wg.Add(1)
+		go func(messages bool) {
+			defer wg.Done()
+			url, body := base+"/v1/chat/completions", string(llmsim.ChatBody("", "hello there", 100, true))
+			if messages {
+				url, body = base+"/v1/messages", `{"model":"sim-llama-8b","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"hello there"}]}`
+			}
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("anthropic-version", "2023-06-01")
+			t0 := time.Now()
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				results <- result{messages: messages, status: -1, kind: err.Error()}
+				return
+			}
+			raw, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			r := result{messages: messages, status: res.StatusCode, took: time.Since(t0), retry: res.Header.Get("Retry-After")}
+			var e struct {
+				Error struct{ Type, Code string }
+			}
+			_ = json.Unmarshal(raw, &e)
+			r.kind = e.Error.Code
+			if messages {
+				r.kind = e.Error.Type
+			}
+			results <- r
+		}(i%5 == 4)
+	}
+	wg.Wait()
+	close(results)
+	var served, shed, shedMessages int
+	var took, shedTook []time.Duration
+	for r := range results {
+		switch {
+		case r.status == 200:
+			served++
+			took = append(took, r.took)
+		case !r.messages && r.status == http.StatusTooManyRequests && r.kind == "server_overloaded" && r.retry != "":
+			shed++
+			shedTook = append(shedTook, r.took)
+		case r.messages && r.status == 529 && r.kind == "overloaded_error" && r.retry != "":
+			shed++
+			shedMessages++
+			shedTook = append(shedTook, r.took)
+		default:
+			t.Errorf("unexpected answer (messages %v): %d %q, Retry-After %q after %v", r.messages, r.status, r.kind, r.retry, r.took)
+		}
+	}
+	view := poolOf(t, p.Addrs()[0]).Admission
+	t.Logf("%d requests at %.1f/s (5× a capacity of %.1f/s): %d served, E2E p50 %v p99 %v; %d shed (%d of them Messages, 529), answered in p50 %v p99 %v; queue: %d admitted after a wait (p99 %.2fs), %d overloaded, %d timed out",
+		n, rate, capacity, served, quantile(took, 0.5).Round(time.Millisecond), quantile(took, 0.99).Round(time.Millisecond),
+		shed, shedMessages, quantile(shedTook, 0.5).Round(time.Millisecond), quantile(shedTook, 0.99).Round(time.Millisecond),
+		view.Admitted, view.WaitP99, view.Overloaded, view.TimedOut)
+	if served == 0 || shed < n/3 || shedMessages == 0 {
+		t.Fatalf("%d served, %d shed (%d Messages) of %d: want the pool's capacity served and most of the rest shed", served, shed, shedMessages, n)
+	}
+	if p99 := quantile(took, 0.99); p99 > 15*time.Second {
+		t.Fatalf("admitted E2E p99 %v, want at most 15 s", p99)
+	}
+	// shed at once: not after waiting out max_wait (10 s)
+	if p99 := quantile(shedTook, 0.99); p99 > 2*time.Second {
+		t.Fatalf("shed requests answered in p99 %v: they waited", p99)
 	}
 }

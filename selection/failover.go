@@ -282,8 +282,12 @@ func setRetryAfter(h http.Header, d time.Duration) {
 // the others.
 func rejectResponse(req *http.Request, api aibalance.API, rej *aibalance.Reject) *http.Response {
 	var body any
+	status := rej.Status
 	if api == aibalance.APIMessages {
-		typ := map[int]string{400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}[rej.Status]
+		if rej.Code == "server_overloaded" {
+			status = 529 // Anthropic's overloaded_error
+		}
+		typ := map[int]string{400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}[status]
 		if typ == "" {
 			typ = "api_error"
 		}
@@ -298,7 +302,7 @@ func rejectResponse(req *http.Request, api aibalance.API, rej *aibalance.Reject)
 	if rej.RetryAfter > 0 {
 		setRetryAfter(h, rej.RetryAfter)
 	}
-	return jsonResponse(req, rej.Status, h, b)
+	return jsonResponse(req, status, h, b)
 }
 
 // jsonResponse is an answer the balancer gives itself, without a backend:
