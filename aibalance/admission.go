@@ -43,6 +43,10 @@ import (
 // overloaded_error on the Messages API); one that waited MaxWait gets the
 // same answer.
 
+// CodeOverloaded is the error code (and OpenAI error type) of the queue's
+// overload answer.
+const CodeOverloaded = "server_overloaded"
+
 // Admission defaults.
 const (
 	DefaultMaxQueue       = 1024
@@ -458,7 +462,7 @@ func overload(rate float64, queued int64, s *admissionSettings, why string) *Rej
 	}
 	after = max(min(after, 10*s.maxWait), time.Second)
 	return &Reject{
-		Status: http.StatusTooManyRequests, Type: "server_overloaded", Code: "server_overloaded",
+		Status: http.StatusTooManyRequests, Type: CodeOverloaded, Code: CodeOverloaded,
 		Message:    "every backend is busy and " + why + "; retry after the time given",
 		RetryAfter: after,
 	}

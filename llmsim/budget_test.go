@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 )
@@ -216,8 +217,8 @@ func TestBudgetServer(t *testing.T) {
 	}
 }
 
-// scrape returns the engine's gauges and its preemption counter.
-func scrape(t *testing.T, s *Server) map[string]float64 {
+// metricFamilies scrapes the engine's /metrics and parses it.
+func metricFamilies(t *testing.T, s *Server) map[string]*dto.MetricFamily {
 	t.Helper()
 	resp, err := http.Get(s.URL() + "/metrics")
 	if err != nil {
@@ -229,6 +230,13 @@ func scrape(t *testing.T, s *Server) map[string]float64 {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return fams
+}
+
+// scrape returns the engine's gauges and its preemption counter.
+func scrape(t *testing.T, s *Server) map[string]float64 {
+	t.Helper()
+	fams := metricFamilies(t, s)
 	out := map[string]float64{}
 	for _, name := range []string{"vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:num_preemptions_total"} {
 		fam, ok := fams[name]

@@ -51,7 +51,7 @@ func (l *learner) gate(r *http.Request, f *aibalance.Features, pool reverseproxy
 	}
 	f.Charge.Refund()
 	if rej == nil { // the client left while waiting
-		rej = &aibalance.Reject{Status: http.StatusServiceUnavailable, Type: "server_overloaded", Code: "canceled", Message: "the request was canceled while waiting for a backend"}
+		rej = &aibalance.Reject{Status: http.StatusServiceUnavailable, Type: aibalance.CodeOverloaded, Code: "canceled", Message: "the request was canceled while waiting for a backend"}
 	}
 	return rej
 }

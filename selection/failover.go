@@ -284,7 +284,7 @@ func rejectResponse(req *http.Request, api aibalance.API, rej *aibalance.Reject)
 	var body any
 	status := rej.Status
 	if api == aibalance.APIMessages {
-		if rej.Code == "server_overloaded" {
+		if rej.Code == aibalance.CodeOverloaded {
 			status = 529 // Anthropic's overloaded_error
 		}
 		typ := map[int]string{400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}[status]

@@ -239,16 +239,7 @@ func TestStreamsWeighFirstToken(t *testing.T) {
 	defer p.set.Release()
 	pool := testPool(t, 2)
 	now := time.Now()
-	for i := 0; i < 40; i++ {
-		for j, o := range []aibalance.Outcome{
-			{Status: 200, Stream: true, TTFT: 800 * time.Millisecond, E2E: 800*time.Millisecond + 99*10*time.Millisecond, OutputTokens: 100},
-			{Status: 200, Stream: true, TTFT: 20 * time.Millisecond, E2E: 20*time.Millisecond + 99*25*time.Millisecond, OutputTokens: 100},
-		} {
-			a := p.set.Get(pool[j].Dial).Begin(&aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 100, OutputTokens: 100}, p.pool.Prior(), now)
-			a.FirstToken(time.Now())
-			a.End(o, p.app.Lambda(), p.pool.Prior(), now)
-		}
-	}
+	teachSlowFirstTokenFastDecode(p, pool, now)
 	req := func(stream bool) *http.Request {
 		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
 			strings.NewReader(fmt.Sprintf(`{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":%v}`, stream)))
@@ -484,16 +475,7 @@ func TestSLOHeadersRankFirst(t *testing.T) {
 	defer p.set.Release()
 	pool := testPool(t, 2)
 	now := time.Now()
-	for i := 0; i < 40; i++ {
-		for j, o := range []aibalance.Outcome{
-			{Status: 200, Stream: true, TTFT: 800 * time.Millisecond, E2E: 800*time.Millisecond + 99*10*time.Millisecond, OutputTokens: 100},
-			{Status: 200, Stream: true, TTFT: 20 * time.Millisecond, E2E: 20*time.Millisecond + 99*25*time.Millisecond, OutputTokens: 100},
-		} {
-			a := p.set.Get(pool[j].Dial).Begin(&aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 100, OutputTokens: 100}, p.pool.Prior(), now)
-			a.FirstToken(now)
-			a.End(o, p.app.Lambda(), p.pool.Prior(), now)
-		}
-	}
+	teachSlowFirstTokenFastDecode(p, pool, now)
 	req := func(header, v string) *http.Request {
 		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
 			strings.NewReader(`{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":true}`))
@@ -514,6 +496,22 @@ func TestSLOHeadersRankFirst(t *testing.T) {
 	} {
 		if u := p.Select(pool, req(tc.header, tc.v), nil); u != tc.want {
 			t.Errorf("%s: %q: went to %s, want %s", tc.header, tc.v, u.Dial, tc.want.Dial)
+		}
+	}
+}
+
+// teachSlowFirstTokenFastDecode teaches p that pool[0] gives its first
+// token in 800 ms and decodes at 10 ms a token, pool[1] in 20 ms and at
+// 25 ms: pool[0] finishes 100 tokens first, pool[1] starts first.
+func teachSlowFirstTokenFastDecode(p *AIPredictiveSelection, pool reverseproxy.UpstreamPool, now time.Time) {
+	for i := 0; i < 40; i++ {
+		for j, o := range []aibalance.Outcome{
+			{Status: 200, Stream: true, TTFT: 800 * time.Millisecond, E2E: 800*time.Millisecond + 99*10*time.Millisecond, OutputTokens: 100},
+			{Status: 200, Stream: true, TTFT: 20 * time.Millisecond, E2E: 20*time.Millisecond + 99*25*time.Millisecond, OutputTokens: 100},
+		} {
+			a := p.set.Get(pool[j].Dial).Begin(&aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 100, OutputTokens: 100}, p.pool.Prior(), now)
+			a.FirstToken(now)
+			a.End(o, p.app.Lambda(), p.pool.Prior(), now)
 		}
 	}
 }
