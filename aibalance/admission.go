@@ -752,8 +752,12 @@ func (b *Backend) Full(s LoadState, now time.Time) bool {
 }
 
 // engineQueued reports fresh engine metrics with a queue beside a full KV
-// cache: the engine cannot start another request.
+// cache that has not drained since (see queuedSince): the engine cannot
+// start another request.
 func (b *Backend) engineQueued(now time.Time) bool {
-	m, fresh := b.Engine(now)
-	return fresh && m.HasWaiting && m.Waiting >= 1 && m.HasKV && m.KVUsage >= kvFull
+	s := b.engine.latest.Load()
+	if s == nil || !s.fresh(now) || !s.m.HasWaiting || !s.m.HasKV || s.m.KVUsage < kvFull {
+		return false
+	}
+	return b.queuedSince(s, s.m.Waiting, now) >= 1
 }

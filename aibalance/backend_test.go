@@ -319,3 +319,32 @@ func TestReservationsArePendingWork(t *testing.T) {
 		t.Fatalf("state after unreserving: %+v", s)
 	}
 }
+
+// TestEngineQueueDrainsWithAge: a queue the engine showed on its last
+// scrape drains at the backend's recent rate as the sample ages, so a
+// sample a scrape interval old does not mark a fast engine full (nor load
+// it with a queue) long after its queue is gone.
+func TestEngineQueueDrainsWithAge(t *testing.T) {
+	b := newBackend("engine")
+	now := time.Unix(1000, 0)
+	var prior Prior
+	for i := 0; i < 40; i++ { // 4 requests a second over the recent window
+		a := b.Begin(work(true), &prior, now)
+		a.End(Outcome{Status: 200, Stream: true, TTFT: 50 * time.Millisecond, E2E: 200 * time.Millisecond, OutputTokens: 20}, 0.99, &prior, now)
+	}
+	b.SetEngine(EngineMetrics{Waiting: 3, Running: 8, KVUsage: 0.95, HasWaiting: true, HasRunning: true, HasKV: true, At: now}, 3*time.Second)
+	if s := b.State(now); !b.Full(s, now) || s.Pending != 3 {
+		t.Fatalf("a fresh queue beside a full KV cache: full %v, pending %.1f; want full, 3", b.Full(s, now), s.Pending)
+	}
+	half := now.Add(500 * time.Millisecond)
+	if s := b.State(half); !b.Full(s, half) || s.Pending != 1 {
+		t.Fatalf("half a second on (2 drained): full %v, pending %.1f; want full, 1", b.Full(s, half), s.Pending)
+	}
+	later := now.Add(time.Second)
+	if s := b.State(later); b.Full(s, later) || s.Pending != 0 {
+		t.Fatalf("a second on, the queue of 3 is drained at 4/s: full %v, pending %.1f; want not full, 0", b.Full(s, later), s.Pending)
+	}
+	if n, _ := b.FreeSlots(later); n == 0 {
+		t.Fatal("admission still sees the drained queue")
+	}
+}

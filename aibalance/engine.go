@@ -73,7 +73,7 @@ func (b *Backend) external(now time.Time) (waiting, running, kv float64, ok bool
 	if s.m.HasWaiting {
 		// an engine's waiting count includes requests of ours between
 		// arrival and the scheduler's next step: ours are counted live
-		waiting = max(s.m.Waiting-s.ownPending, 0)
+		waiting = max(b.queuedSince(s, s.m.Waiting-s.ownPending, now), 0)
 	}
 	if s.m.HasRunning {
 		running = max(s.m.Running-s.ownRunning, 0)
@@ -142,6 +142,18 @@ func (b *Backend) Engine(now time.Time) (m EngineMetrics, fresh bool) {
 		return EngineMetrics{}, false
 	}
 	return s.m, s.fresh(now)
+}
+
+// queuedSince is what remains at now of a queue of n the sample showed:
+// the engine has drained it since at no less than this balancer's own
+// recent rate to the backend (its completions of other clients' requests
+// come on top, unseen). A sample is up to a few scrape intervals old, many
+// request lifetimes of a fast engine: a queue it showed is not one now.
+func (b *Backend) queuedSince(s *engineSample, n float64, now time.Time) float64 {
+	if age := now.Sub(s.m.At).Seconds(); age > 0 {
+		n -= age * b.RecentRate(now)
+	}
+	return n
 }
 
 // fresh reports whether the sample may be used for routing at now: not
