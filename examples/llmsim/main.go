@@ -43,6 +43,9 @@ func main() {
 	rejectRate := flag.Float64("reject-rate", 0, "share of requests answered 429 + Retry-After at once (1: always)")
 	retryAfter := flag.Duration("retry-after", time.Second, "the Retry-After of 429 answers (whole seconds)")
 	startup := flag.Duration("startup-delay", 0, "answer 503 for this long after starting")
+	scheduler := flag.String("scheduler", "", `engine model, per engine: "" (a batch of max-running slots) or "budget" (a token budget a step shared by decode and chunked prefill, a KV cache of -kv-tokens, preemption by recompute)`)
+	stepTokens := flag.String("step-tokens", "", "the budget scheduler's tokens a step (vLLM max_num_batched_tokens), per engine; default 2048")
+	kvTokens := flag.String("kv-tokens", "", "the budget scheduler's KV cache in tokens, per engine; default the prefix cache's size")
 	flag.Parse()
 
 	speedList := strings.Split(*speeds, ",")
@@ -80,6 +83,29 @@ func main() {
 				err = fmt.Errorf("want a positive duration")
 			}
 			df.set(&cfgs[i], x)
+			return err
+		})
+	}
+	perEngine("scheduler", *scheduler, n, func(i int, v string) error {
+		if v != llmsim.SchedulerBudget {
+			return fmt.Errorf(`want "budget" (or nothing, for the batch scheduler)`)
+		}
+		cfgs[i].Scheduler = v
+		return nil
+	})
+	for _, tf := range []struct {
+		name, val string
+		set       func(c *llmsim.Config, x int)
+	}{
+		{"step-tokens", *stepTokens, func(c *llmsim.Config, x int) { c.StepTokens = x }},
+		{"kv-tokens", *kvTokens, func(c *llmsim.Config, x int) { c.KVTokens = x }},
+	} {
+		perEngine(tf.name, tf.val, n, func(i int, v string) error {
+			x, err := strconv.Atoi(v)
+			if err == nil && x < 1 {
+				err = fmt.Errorf("want at least 1")
+			}
+			tf.set(&cfgs[i], x)
 			return err
 		})
 	}
@@ -122,6 +148,9 @@ func main() {
 		c = s.Config()
 		fmt.Printf("engine %d: %s  speed %.2f  model %s  max-running %d  decode %v+%v/seq  prefill %v/token  capacity %.1f req/s (200/100 tokens)\n",
 			i+1, s.URL(), c.Speed, c.Model, c.MaxRunning, c.DecodeBase, c.DecodePerSeq, c.PrefillPerToken, c.Capacity(200, 100))
+		if c.Scheduler == llmsim.SchedulerBudget {
+			fmt.Printf("engine %d: budget scheduler: %d tokens a step, KV cache %d tokens\n", i+1, c.StepTokens, c.KVTokens)
+		}
 	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
