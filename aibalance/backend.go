@@ -118,6 +118,7 @@ func (b *Backend) State(now time.Time) LoadState {
 		s.PendingAge = max(float64(sinceEpoch(now)-since/n)/1e6, 0)
 	}
 	s.Running = max(s.Inflight-s.Pending, 0)
+	s.Streams = float64(b.streaming.Load()) + s.Pending
 	if waiting, running, kv, ok := b.external(now); ok {
 		s.Pending += waiting
 		s.Running += running
@@ -317,12 +318,7 @@ func (a *Attempt) FirstToken(now time.Time) {
 	a.running = true
 	running := b.streaming.Add(1)
 	seen := b.maxRunning.Load()
-	for {
-		m := b.maxRunning.Load()
-		if running <= m || b.maxRunning.CompareAndSwap(m, running) {
-			break
-		}
-	}
+	b.raiseSeen(running)
 	if cur := b.slots.Load(); cur > 0 && running > cur {
 		b.setSlots(running, now)
 	}
@@ -339,6 +335,22 @@ func (a *Attempt) FirstToken(now time.Time) {
 		}
 	}
 }
+
+// raiseSeen raises the largest batch seen to n when n is larger.
+func (b *Backend) raiseSeen(n int64) {
+	for {
+		m := b.maxRunning.Load()
+		if n <= m || b.maxRunning.CompareAndSwap(m, n) {
+			return
+		}
+	}
+}
+
+// BatchSeen is the largest batch the backend has been seen to run at
+// once: its streams past their first token, or the engine's own count of
+// running requests when larger. It never falls: an engine that ran that
+// many at once has the slots for them.
+func (b *Backend) BatchSeen() int64 { return b.maxRunning.Load() }
 
 func (b *Backend) setSlots(n int64, now time.Time) {
 	b.slots.Store(n)

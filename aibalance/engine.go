@@ -111,6 +111,7 @@ func (b *Backend) learnSlots(m EngineMetrics, prev *engineSample) {
 		return
 	}
 	r := int64(m.Running)
+	b.raiseSeen(r)
 	if r > b.slots.Load() && b.slots.Load() > 0 {
 		b.setSlots(r, m.At)
 	}

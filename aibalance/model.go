@@ -117,6 +117,7 @@ type LoadState struct {
 	Running        float64 // the decode batch
 	KV             float64 // the engine's KV cache use, 0..1; 0 when unknown
 	Beyond         float64 // how far Inflight+1 exceeds the largest batch seen running
+	Streams        float64 // our streams in flight, past their first token or waiting for it (what the batch seen counts)
 }
 
 // Observation is one finished attempt, as the transport measured it.

@@ -2,6 +2,7 @@ package selection
 
 import (
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -219,6 +220,26 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		c.held = func(u *reverseproxy.Upstream) int { return p.set.Get(u.Dial).CachedTokens(f, blockTokens) }
 	}
 	sloTTFT, sloE2E := aibalance.SLO(r)
+	// A backend whose batch capacity is not known has proven the largest
+	// batch it ran; one request at a time may probe beyond it (its first
+	// token raises the batch seen or shows the limit). Once an engine of
+	// the pool has shown its limit, engines of one pool being mostly
+	// configured alike, the others are taken to have that capacity
+	// (or the batch they ran, when more) and probe no further.
+	poolSlots := -1.0
+	unproven := func(b *aibalance.Backend) float64 {
+		if poolSlots < 0 {
+			poolSlots = 0
+			for _, u := range pool {
+				poolSlots = max(poolSlots, float64(p.set.Get(u.Dial).Capacity(now)))
+			}
+		}
+		seen := float64(b.BatchSeen())
+		if poolSlots > 0 {
+			return max(poolSlots, seen)
+		}
+		return seen + 1
+	}
 	score := func(u *reverseproxy.Upstream) float64 {
 		b := p.set.Get(u.Dial)
 		s := b.State(now)
@@ -241,9 +262,14 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		}
 		score /= (1 - min(b.FailureRate(now), maxFailureRate)) * p.pool.Weight(u.Dial)
 		// tiers, in order: a backend predicted to meet the request's
-		// targets, then one with a free batch slot, then the best time
+		// targets, then one with a free batch slot, then one whose slot
+		// is only assumed free (beyond the pool's known capacity and the
+		// batch it ran: the wait for a slot is a first-token tail no
+		// completion-time gain is worth), then the best time
 		if b.Full(s, now) {
 			score += fullPenalty
+		} else if b.Capacity(now) == 0 && s.Streams+1 > unproven(b) {
+			score += unprovenPenalty
 		}
 		if sloTTFT > 0 || sloE2E > 0 {
 			ttft, tpot := m.PredictSeconds(s, prompt, prior, now)
@@ -646,13 +672,17 @@ func answering(pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
 }
 
 // The score tiers (seconds added to a predicted time, far above any):
-// a backend whose batch is full (its known capacity reached) ranks after
-// every backend with a free slot, whatever their predicted times, so a
+// a backend whose slot for the request is only assumed (no capacity known
+// for it, and beyond both the pool's known capacity and the batch it has
+// run plus one probe) ranks after every backend with a slot shown; one
+// whose batch is full (its known capacity reached) ranks after every
+// backend with a free slot, whatever their predicted times, so a
 // request never waits for a slot while another engine has one; a backend
 // predicted to miss the request's SLO ranks after every one predicted to
 // meet it; and for a request that waited in the admission queue, a full
 // backend ranks last of all (see late).
 const (
+	unprovenPenalty  = 1e5
 	fullPenalty      = 1e6
 	sloPenalty       = 1e7
 	saturatedPenalty = 1e9
@@ -806,9 +836,10 @@ func nearBest(pool reverseproxy.UpstreamPool, cands []scored, key uint64, held f
 	for _, c := range cands[1:] {
 		low = min(low, c.s)
 	}
+	lowTier, lowTime := splitTier(low)
 	best, bestHeld, bestRank := -1, 0, uint64(0)
 	for _, c := range cands {
-		if c.s > low*(1+tieBand) {
+		if tier, t := splitTier(c.s); tier != lowTier || t > lowTime*(1+tieBand) {
 			continue
 		}
 		h := 0
@@ -821,6 +852,15 @@ func nearBest(pool reverseproxy.UpstreamPool, cands []scored, key uint64, held f
 		}
 	}
 	return best
+}
+
+// splitTier splits a score into its tier (the penalties added to it, in
+// units of the smallest) and its predicted time, so near-equal means the
+// same tier and times within tieBand: a penalty added to every score must
+// not make all of them near-equal.
+func splitTier(s float64) (tier, t float64) {
+	tier = math.Floor(s / unprovenPenalty)
+	return tier, s - tier*unprovenPenalty
 }
 
 // rendezvous is the highest-random-weight hash of key on addr (Thaler and

@@ -465,6 +465,77 @@ func TestFullBackendLosesToFreeSlot(t *testing.T) {
 	}
 }
 
+// TestUnprovenSlotLosesToSeenBatch: with no engine metrics a backend that
+// has run at most 2 streams at once gets one more as a probe of a slot it
+// has not shown, but not a second while the probe waits for its first
+// token: that stream goes to the slow backend's proven slot. Once an
+// engine of the pool showed a batch of 4, the fast one is assumed alike
+// and keeps streams up to 4.
+func TestUnprovenSlotLosesToSeenBatch(t *testing.T) {
+	p := newPredictive(3, true)
+	defer p.set.Release()
+	pool := testPool(t, 3)
+	now := time.Now()
+	f := func() *aibalance.Features {
+		return &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 200, OutputTokens: 100}
+	}
+	done := aibalance.Outcome{Status: 200, Stream: true, TTFT: 50 * time.Millisecond, E2E: time.Second, OutputTokens: 100}
+	for i := 0; i < 40; i++ {
+		for j, slow := range []float64{1, 3, 6} {
+			b := p.set.Get(pool[j].Dial)
+			var as []aibalance.Attempt
+			for k := 0; k < 2-j/2; k++ { // fast and slow ran 2 at once, the third 1
+				a := b.Begin(f(), p.pool.Prior(), now)
+				a.FirstToken(now)
+				as = append(as, a)
+			}
+			for _, a := range as {
+				o := done
+				o.TTFT, o.E2E = time.Duration(slow*float64(o.TTFT)), time.Duration(slow*float64(o.E2E))
+				a.End(o, p.app.Lambda(), p.pool.Prior(), now)
+			}
+		}
+	}
+	fast := p.set.Get(pool[0].Dial)
+	if got := fast.BatchSeen(); got != 2 {
+		t.Fatalf("batch seen %d, want 2", got)
+	}
+	req := func() *http.Request {
+		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
+			strings.NewReader(`{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":true}`))
+		return r.WithContext(withVars(r))
+	}
+	p.clock = func() time.Time { return now }
+	stream := func(b *aibalance.Backend) {
+		a := b.Begin(f(), p.pool.Prior(), now)
+		a.FirstToken(now)
+	}
+	stream(fast)
+	stream(fast)
+	if u := p.Select(pool, req(), nil); u != pool[0] {
+		t.Fatalf("with the fast backend's 2 seen slots taken, a probe of a third went to %s, want the fast backend", u.Dial)
+	}
+	fast.Begin(f(), p.pool.Prior(), now) // the probe, waiting for its first token
+	if u := p.Select(pool, req(), nil); u != pool[1] {
+		t.Fatalf("while the fast backend's probe waits, a stream went to %s, want the slow backend's seen slot", u.Dial)
+	}
+	// the third engine reports a batch of 4 with a queue behind it
+	third := p.set.Get(pool[2].Dial)
+	for i := 0; i < 2; i++ {
+		third.SetEngine(aibalance.EngineMetrics{Waiting: 2, Running: 4, HasWaiting: true, HasRunning: true, At: now.Add(time.Duration(i-1) * time.Second)}, 5*time.Second)
+	}
+	if got := third.Capacity(now); got != 4 {
+		t.Fatalf("capacity %d after two scrapes of a queue behind a batch of 4, want 4", got)
+	}
+	if u := p.Select(pool, req(), nil); u != pool[0] {
+		t.Fatalf("with a batch of 4 known in the pool, a fourth stream went to %s, want the fast backend", u.Dial)
+	}
+	fast.Begin(f(), p.pool.Prior(), now)
+	if u := p.Select(pool, req(), nil); u != pool[1] {
+		t.Fatalf("with 4 streams on the fast backend, a fifth went to %s, want the slow backend", u.Dial)
+	}
+}
+
 // TestSLOHeadersRankFirst: with ttft_weight 0 a stream goes to the backend
 // that finishes first (800 ms to its first token); a client's
 // X-SLO-TTFT-Ms of 200 sends it to the one predicted to meet that (20 ms

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -219,6 +220,9 @@ func runOnce(o matrixOptions, c cell, p matrixPolicy, seed uint64) (runResult, e
 				fmt.Fprintf(os.Stderr, "    %+v\n", st.Model)
 			}
 		}
+	}
+	if detail {
+		slowestFirstTokens(recs, pool.Addrs(), t0)
 	}
 	if detail && c.shape != "" {
 		// how often a session's request went where its previous one did
@@ -630,4 +634,28 @@ func printSummary(out io.Writer, o matrixOptions, results []cellResult) {
 		fmt.Fprintln(out, "| "+strings.Join(row, " | ")+" |")
 	}
 	fmt.Fprintf(out, "\n%d of %d cells miss a target. Targets: TTFT p99 and E2E p99 ratios ≤ 1.05; in heterogeneous cells at ≥ 60%% load E2E p99 ≤ 0.6 and TTFT p99 ≤ 0.8; the fastest engines get at least half their capacity share; no errors; in the aff- cells, twice the prefix cache hits, TTFT p50 ≤ 0.5 and E2E p99 ≤ 0.8; in fail-kill, TTFT p99 after the kill ≤ 1.2 and no more cut streams (which are not errors) than %s.\n", missed, len(results), base)
+}
+
+// slowestFirstTokens prints, to stderr, the measured requests with the
+// longest first tokens: when each started, on which engine, and how many
+// of the run's requests that engine then had in flight (from the records:
+// what the engine held, not what the balancer believed).
+func slowestFirstTokens(recs []llmsim.Record, addrs []string, t0 time.Time) {
+	var ok []llmsim.Record
+	for _, r := range recs {
+		if r.Err == nil && r.Status == http.StatusOK && !r.Warmup && r.Stream {
+			ok = append(ok, r)
+		}
+	}
+	slices.SortFunc(ok, func(a, b llmsim.Record) int { return cmp.Compare(b.TTFT, a.TTFT) })
+	for _, r := range ok[:min(6, len(ok))] {
+		busy := 0
+		for _, o := range recs {
+			if o.Backend == r.Backend && o.Started.Before(r.Started) && o.Started.Add(o.E2E).After(r.Started) {
+				busy++
+			}
+		}
+		fmt.Fprintf(os.Stderr, "  TTFT %s at %.2fs on engine %d with %d in flight there; prompt %d output %d\n",
+			ms(r.TTFT), r.Started.Sub(t0).Seconds(), slices.Index(addrs, r.Backend), busy, r.Prompt, r.Output)
+	}
 }
