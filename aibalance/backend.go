@@ -132,12 +132,20 @@ func (b *Backend) State(now time.Time) LoadState {
 	// slot: running requests finish at about slots/E2E per second.
 	if slots := float64(b.Slots(now)); slots > 0 {
 		if ahead := s.Inflight + 1 - slots; ahead > 0 {
-			if e2e := math.Float64frombits(b.e2eEWMA.Load()); e2e > 0 {
-				s.QueueWait = ahead * e2e / slots
-			}
+			s.QueueWait = b.SlotWait(ahead, slots)
 		}
 	}
 	return s
+}
+
+// SlotWait is how long a request waits for a batch slot with ahead
+// requests before it and slots running: they finish at about slots/E2E per
+// second (E2E the backend's recent completion time); 0 when none is known.
+func (b *Backend) SlotWait(ahead, slots float64) float64 {
+	if e2e := math.Float64frombits(b.e2eEWMA.Load()); e2e > 0 && slots > 0 {
+		return max(ahead, 0) * e2e / slots
+	}
+	return 0
 }
 
 // Reserve counts a request a policy chose for the backend until its

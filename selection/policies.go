@@ -268,8 +268,13 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		// completion-time gain is worth), then the best time
 		if b.Full(s, now) {
 			score += fullPenalty
-		} else if b.Capacity(now) == 0 && s.Streams+1 > unproven(b) {
-			score += unprovenPenalty
+		} else if b.Capacity(now) == 0 {
+			// among backends all beyond what they have shown (a burst
+			// before any limit is known), the one whose slot would free
+			// soonest if that were all it has
+			if slots := unproven(b); s.Streams+1 > slots {
+				score += unprovenPenalty + b.SlotWait(s.Streams+1-slots, slots)
+			}
 		}
 		if sloTTFT > 0 || sloE2E > 0 {
 			ttft, tpot := m.PredictSeconds(s, prompt, prior, now)

@@ -536,6 +536,50 @@ func TestUnprovenSlotLosesToSeenBatch(t *testing.T) {
 	}
 }
 
+// TestUnprovenRankedBySlotWait: when every backend is beyond the batch it
+// has shown (a burst before any limit is known), a stream goes to the one
+// whose slot would free soonest were that batch all it has: 12 streams
+// waiting behind a batch of 2 on the fast backend (1 s per request) wait
+// longer than one behind the slow backend's (3 s per request).
+func TestUnprovenRankedBySlotWait(t *testing.T) {
+	p := newPredictive(2, true)
+	defer p.set.Release()
+	pool := testPool(t, 2)
+	now := time.Now()
+	f := func() *aibalance.Features {
+		return &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 200, OutputTokens: 100}
+	}
+	for i := 0; i < 40; i++ {
+		for j, slow := range []float64{1, 3} {
+			b := p.set.Get(pool[j].Dial)
+			as := []aibalance.Attempt{b.Begin(f(), p.pool.Prior(), now), b.Begin(f(), p.pool.Prior(), now)}
+			for k := range as {
+				as[k].FirstToken(now)
+			}
+			for _, a := range as {
+				a.End(aibalance.Outcome{Status: 200, Stream: true, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, p.app.Lambda(), p.pool.Prior(), now)
+			}
+		}
+	}
+	p.clock = func() time.Time { return now }
+	load := func(b *aibalance.Backend, waiting int) {
+		for k := 0; k < 2; k++ {
+			a := b.Begin(f(), p.pool.Prior(), now)
+			a.FirstToken(now)
+		}
+		for k := 0; k < waiting; k++ {
+			b.Begin(f(), p.pool.Prior(), now)
+		}
+	}
+	load(p.set.Get(pool[0].Dial), 12)
+	load(p.set.Get(pool[1].Dial), 1)
+	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
+		strings.NewReader(`{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":true}`))
+	if u := p.Select(pool, r.WithContext(withVars(r)), nil); u != pool[1] {
+		t.Fatalf("with 12 streams waiting behind the fast backend's batch of 2 and 1 behind the slow one's, a stream went to %s, want the slow backend", u.Dial)
+	}
+}
+
 // TestSLOHeadersRankFirst: with ttft_weight 0 a stream goes to the backend
 // that finishes first (800 ms to its first token); a client's
 // X-SLO-TTFT-Ms of 200 sends it to the one predicted to meet that (20 ms
