@@ -189,8 +189,9 @@ func (p *AIPredictiveSelection) Cleanup() error {
 // Scores fall in tiers before times are compared: backends predicted to
 // meet the request's SLO headers (X-SLO-TTFT-Ms, X-SLO-E2E-Ms) before those
 // predicted to miss them, and among each, backends with a free batch slot
-// before full ones (a known capacity reached, or the engine queueing on a
-// full KV cache): the completion-time optimum alone parks requests in a
+// before full ones (a known capacity reached, the capacity another engine
+// of the pool showed exceeded by one whose own is unknown, or the engine
+// queueing on a full KV cache): the completion-time optimum alone parks requests in a
 // fast engine's queue while a slower one has a slot free, and the
 // first-token tail is those waits.
 func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
@@ -245,6 +246,33 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 		s := b.State(now)
 		// Caddy's own count covers requests proxied without our transport
 		s.Inflight = max(s.Inflight, float64(u.NumRequests()))
+		// tiers, in order: a backend predicted to meet the request's
+		// targets, then one with a free batch slot, then one whose slot
+		// is only assumed free (beyond the batch it ran, no capacity known
+		// in the pool: the wait for a slot is a first-token tail no
+		// completion-time gain is worth), then a full one, then the best
+		// time
+		tier := 0.0
+		full := b.Full(s, now)
+		if !full && b.Capacity(now) == 0 {
+			if slots := unproven(b); s.Streams+1 > slots {
+				wait := b.SlotWait(s.Streams+1-slots, slots)
+				if poolSlots > 0 {
+					// beyond the capacity the pool's engines showed: as
+					// full as they are, waiting as long as its queue says
+					full = true
+					s.QueueWait = max(s.QueueWait, wait)
+				} else {
+					// among backends all beyond what they have shown (a
+					// burst before any limit is known), the one whose slot
+					// would free soonest if that were all it has
+					tier = unprovenPenalty + wait
+				}
+			}
+		}
+		if full {
+			tier = fullPenalty
+		}
 		prompt := f.PromptTokens
 		if affinity {
 			prompt -= b.CachedTokens(f, blockTokens)
@@ -261,21 +289,7 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 			}
 		}
 		score /= (1 - min(b.FailureRate(now), maxFailureRate)) * p.pool.Weight(u.Dial)
-		// tiers, in order: a backend predicted to meet the request's
-		// targets, then one with a free batch slot, then one whose slot
-		// is only assumed free (beyond the pool's known capacity and the
-		// batch it ran: the wait for a slot is a first-token tail no
-		// completion-time gain is worth), then the best time
-		if b.Full(s, now) {
-			score += fullPenalty
-		} else if b.Capacity(now) == 0 {
-			// among backends all beyond what they have shown (a burst
-			// before any limit is known), the one whose slot would free
-			// soonest if that were all it has
-			if slots := unproven(b); s.Streams+1 > slots {
-				score += unprovenPenalty + b.SlotWait(s.Streams+1-slots, slots)
-			}
-		}
+		score += tier
 		if sloTTFT > 0 || sloE2E > 0 {
 			ttft, tpot := m.PredictSeconds(s, prompt, prior, now)
 			if (sloTTFT > 0 && ttft > sloTTFT) || (sloE2E > 0 && ttft+out*tpot > sloE2E) {

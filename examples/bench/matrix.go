@@ -641,21 +641,28 @@ func printSummary(out io.Writer, o matrixOptions, results []cellResult) {
 // of the run's requests that engine then had in flight (from the records:
 // what the engine held, not what the balancer believed).
 func slowestFirstTokens(recs []llmsim.Record, addrs []string, t0 time.Time) {
+	slowest(recs, addrs, t0, "TTFT", func(r llmsim.Record) time.Duration { return r.TTFT })
+	slowest(recs, addrs, t0, "E2E", func(r llmsim.Record) time.Duration { return r.E2E })
+}
+
+// slowest prints the six streamed requests of recs slowest by of, with the
+// engine they went to and how many requests each engine had in flight then.
+func slowest(recs []llmsim.Record, addrs []string, t0 time.Time, label string, of func(llmsim.Record) time.Duration) {
 	var ok []llmsim.Record
 	for _, r := range recs {
 		if r.Err == nil && r.Status == http.StatusOK && !r.Warmup && r.Stream {
 			ok = append(ok, r)
 		}
 	}
-	slices.SortFunc(ok, func(a, b llmsim.Record) int { return cmp.Compare(b.TTFT, a.TTFT) })
+	slices.SortFunc(ok, func(a, b llmsim.Record) int { return cmp.Compare(of(b), of(a)) })
 	for _, r := range ok[:min(6, len(ok))] {
-		busy := 0
+		busy := make([]int, len(addrs))
 		for _, o := range recs {
-			if o.Backend == r.Backend && o.Started.Before(r.Started) && o.Started.Add(o.E2E).After(r.Started) {
-				busy++
+			if i := slices.Index(addrs, o.Backend); i >= 0 && o.Started.Before(r.Started) && o.Started.Add(o.E2E).After(r.Started) {
+				busy[i]++
 			}
 		}
-		fmt.Fprintf(os.Stderr, "  TTFT %s at %.2fs on engine %d with %d in flight there; prompt %d output %d\n",
-			ms(r.TTFT), r.Started.Sub(t0).Seconds(), slices.Index(addrs, r.Backend), busy, r.Prompt, r.Output)
+		fmt.Fprintf(os.Stderr, "  %s %s (TTFT %s) at %.2fs on engine %d; in flight on each engine then %v; prompt %d output %d\n",
+			label, ms(of(r)), ms(r.TTFT), r.Started.Sub(t0).Seconds(), slices.Index(addrs, r.Backend), busy, r.Prompt, r.Output)
 	}
 }
