@@ -130,7 +130,7 @@ func (b *Backend) State(now time.Time) LoadState {
 	}
 	// A request beyond a batch the engine has shown full waits for a
 	// slot: running requests finish at about slots/E2E per second.
-	if slots := float64(b.Slots(now)); slots > 0 {
+	if slots := float64(b.Capacity(now)); slots > 0 {
 		if ahead := s.Inflight + 1 - slots; ahead > 0 {
 			s.QueueWait = b.SlotWait(ahead, slots)
 		}

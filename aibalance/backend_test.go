@@ -348,3 +348,31 @@ func TestEngineQueueDrainsWithAge(t *testing.T) {
 		t.Fatal("admission still sees the drained queue")
 	}
 }
+
+// TestQueueWaitFromEngineCapacity: a batch of 4 the engine showed full (a
+// queue behind it on two scrapes) is the capacity a queue waits behind,
+// as it is the one Full compares with: 6 in flight and the request wait
+// for 3 completions at 4 a second (1 s each over 4 slots).
+func TestQueueWaitFromEngineCapacity(t *testing.T) {
+	b := newBackend("engine-capacity")
+	now := time.Unix(1000, 0)
+	var prior Prior
+	for i := 0; i < 10; i++ {
+		a := b.Begin(work(true), &prior, now)
+		a.FirstToken(now)
+		a.End(Outcome{Status: 200, Stream: true, TTFT: 50 * time.Millisecond, E2E: time.Second, OutputTokens: 50}, 0.99, &prior, now)
+	}
+	for i := 0; i < 2; i++ {
+		b.SetEngine(EngineMetrics{Waiting: 2, Running: 4, HasWaiting: true, HasRunning: true, At: now.Add(time.Duration(i-1) * time.Second)}, 5*time.Second)
+	}
+	if got, slots := b.Capacity(now), b.Slots(now); got != 4 || slots != 0 {
+		t.Fatalf("capacity %d, slots observed %d; want 4 from the engine, none observed", got, slots)
+	}
+	s := b.State(now)
+	if !b.Full(s, now) {
+		t.Fatalf("%v in flight beside a capacity of 4 is not full", s.Inflight)
+	}
+	if want := b.SlotWait(s.Inflight+1-4, 4); want <= 0 || math.Abs(s.QueueWait-want) > 1e-9 {
+		t.Fatalf("queue wait %.3fs with %v in flight, want %.3fs", s.QueueWait, s.Inflight, want)
+	}
+}

@@ -99,13 +99,13 @@ func (b *Backend) external(now time.Time) (waiting, running, kv float64, ok bool
 // does not mean the batch is full. Saturation is learned from the waits
 // the balancer observes itself (see Attempt.FirstToken).
 //
-// For admission control alone (see FreeSlots) a queue beside the same
-// running batch on two scrapes in a row is taken as a full batch: a queue
-// that persists a scrape interval later behind an unchanged batch is one
-// (vLLM's max_num_seqs, or its KV blocks), and it is how a pool that
-// sees only non-streaming requests (no first token, so no observed wait)
-// is known full. Routing does not use it: its scores keep to what the
-// balancer observed.
+// Apart from that, a queue beside the same running batch on two scrapes in
+// a row is taken as a full batch (EngineSlots, which Capacity falls back
+// on for Full, the queue wait and admission): a queue that persists a
+// scrape interval later behind an unchanged batch is one (vLLM's
+// max_num_seqs, or its KV blocks), and it is how a pool that sees only
+// non-streaming requests (no first token, so no observed wait) is known
+// full.
 func (b *Backend) learnSlots(m EngineMetrics, prev *engineSample) {
 	if !m.HasRunning || m.Running < 1 {
 		return
