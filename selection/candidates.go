@@ -66,22 +66,26 @@ func (c *candidates) tierOpen(pool reverseproxy.UpstreamPool) int {
 			}
 		}
 	}
-	return c.pool.OpenTier(c.now, members, func(addr string) (float64, bool) {
-		b := c.set.Get(addr)
+	// the closure takes copies, not c: OpenTier keeps it beyond escape
+	// analysis's sight, and c would move to the heap on every request
+	set, health, now := c.set, c.health, c.now
+	return c.pool.OpenTier(now, members, func(addr string) (float64, bool) {
+		b := set.Get(addr)
 		// a half-open breaker whose probes are taken is out for this
 		// request too, beyond what Load sees
-		if br := healthcheck.Of(b); br != nil && c.health.BreakerOn() && !br.Allow(c.now, c.health) {
+		if br := healthcheck.Of(b); br != nil && health.BreakerOn() && !br.Allow(now, health) {
 			return 1, true
 		}
-		return b.Load(c.now)
+		return b.Load(now)
 	})
 }
 
 // zone is what the score of u is multiplied by, and what is added to it
 // (seconds), for an upstream outside this instance's zone (see
-// aibalance.Pool.ZoneFactor).
-func (c *candidates) zone(home string, u *reverseproxy.Upstream) (float64, float64) {
-	f, add := c.pool.ZoneFactor(home, u.Dial)
+// aibalance.Pool.ZoneFactor). A function of the pool, not a method of
+// candidates: a score closure calling a method of c moves c to the heap.
+func zone(pool *aibalance.Pool, home string, u *reverseproxy.Upstream) (float64, float64) {
+	f, add := pool.ZoneFactor(home, u.Dial)
 	return f, add.Seconds()
 }
 

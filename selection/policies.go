@@ -24,7 +24,9 @@ func init() {
 	caddy.RegisterModule(new(WeightedLeastConnSelection))
 }
 
-// maxChoose bounds power-of-k sampling; beyond it, scanning all is as cheap.
+// maxChoose bounds power-of-k sampling; beyond it, scanning all is as
+// cheap. It is also the default k: every backend of a pool up to 16 is
+// compared.
 const maxChoose = 16
 
 // AIPredictiveSelection is a policy that sends each request to the upstream
@@ -36,12 +38,15 @@ const maxChoose = 16
 // token counts ttft_weight more times (see TTFTWeight). The score is
 // divided by the upstream's weight.
 //
-// Candidates are k upstreams sampled at random among the available ones plus
-// the previous winner (power of k choices with memory; Mitzenmacher, "The
-// Power of Two Choices in Randomized Load Balancing", and Mitzenmacher,
-// Prabhakar and Shah, "Load balancing with memory"), which keeps the cost
-// O(k) and spreads simultaneous decisions of several Caddy instances; or all
-// of them with `choose all`.
+// Candidates are every available upstream of a pool up to k (default 16),
+// and in a larger pool k sampled at random plus the previous winner (power
+// of k choices with memory; Mitzenmacher, "The Power of Two Choices in
+// Randomized Load Balancing", and Mitzenmacher, Prabhakar and Shah, "Load
+// balancing with memory"), which keeps the cost O(k); or all of them with
+// `choose all`. A small k (choose 2) spreads the simultaneous decisions of
+// several Caddy instances that do not see each other's requests, at a
+// price: a sample of 2 in a pool of 4 often holds no fast backend with a
+// slot, and a long answer then runs on the slowest.
 // Ties are broken at random. Upstreams the model has not learned yet are
 // predicted from pool-wide averages scaled by their own load, so a new
 // upstream is tried at once but not flooded.
@@ -57,8 +62,9 @@ const maxChoose = 16
 //	    affinity    prefix|session|header <name>|cookie <name>|none
 //	}
 type AIPredictiveSelection struct {
-	// How many available upstreams to sample and compare for each request.
-	// Default: 2.
+	// How many available upstreams to sample and compare for each request
+	// in a pool larger than that (a smaller one is compared whole).
+	// Default: 16.
 	Choose int `json:"choose,omitempty"`
 	// Compare every available upstream instead of a sample.
 	ChooseAll bool `json:"choose_all,omitempty"`
@@ -116,7 +122,7 @@ func (*AIPredictiveSelection) CaddyModule() caddy.ModuleInfo {
 // the handler's transport is not aibalance (nothing to learn from).
 func (p *AIPredictiveSelection) Provision(ctx caddy.Context) error {
 	if p.Choose == 0 {
-		p.Choose = 2
+		p.Choose = maxChoose
 	}
 	p.ttftWeight = DefaultTTFTWeight
 	if p.TTFTWeight != nil {
@@ -284,7 +290,7 @@ func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.R
 			// another zone's backend is compared on its predicted time
 			// plus the margin, without the benefit of the doubt an
 			// uncertain prediction gets: it is not explored for its own sake
-			if zf, za := c.zone(home, u); zf != 1 || za != 0 {
+			if zf, za := zone(p.pool, home, u); zf != 1 || za != 0 {
 				score = mean*zf + za
 			}
 		}
@@ -474,7 +480,7 @@ func (p *LeastTokensSelection) Select(pool reverseproxy.UpstreamPool, r *http.Re
 		// the tokens it would have with this request; requests break
 		// ties, a fraction of a token each
 		score := (float64(tokens) + add + float64(u.NumRequests())/(1<<20)) / p.pool.Weight(u.Dial)
-		if zf, _ := c.zone(p.app.Zone, u); zf != 1 {
+		if zf, _ := zone(p.pool, p.app.Zone, u); zf != 1 {
 			score *= zf // tokens have no time: the margin's ratio only
 		}
 		return late(score, f, b, now)

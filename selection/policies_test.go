@@ -267,14 +267,15 @@ func TestValidate(t *testing.T) {
 func BenchmarkSelect(b *testing.B) {
 	for _, n := range []int{4, 16, 64} {
 		pool := testPool(b, n)
-		pred := newPredictive(2, false)
+		pred := newPredictive(maxChoose, false) // the default choose
+		pred2 := newPredictive(2, false)
 		predAll := newPredictive(2, true)
 		lt := newLeastTokens()
 		wlc := &WeightedLeastConnSelection{}
 		// as under ai_proxy (request_buffers 16MiB): Caddy replays the
 		// body, so the retry guard leaves it alone
 		buffered := bodyGuard{requestBuffers: 16 << 20}
-		pred.body, predAll.body, lt.body, wlc.body = buffered, buffered, buffered, buffered
+		pred.body, pred2.body, predAll.body, lt.body, wlc.body = buffered, buffered, buffered, buffered, buffered
 		for _, s := range []struct {
 			name string
 			sel  reverseproxy.Selector
@@ -282,6 +283,7 @@ func BenchmarkSelect(b *testing.B) {
 			{"least_conn", new(reverseproxy.LeastConnSelection)},
 			{"round_robin", new(reverseproxy.RoundRobinSelection)},
 			{"ai_predictive", pred},
+			{"ai_predictive_choose2", pred2},
 			{"ai_predictive_all", predAll},
 			{"least_tokens", lt},
 			{"weighted_least_conn", wlc},
@@ -301,6 +303,7 @@ func BenchmarkSelect(b *testing.B) {
 			})
 		}
 		pred.set.Release()
+		pred2.set.Release()
 		predAll.set.Release()
 		lt.set.Release()
 	}
