@@ -113,7 +113,7 @@ type LoadState struct {
 	Pending        float64 // requests without a first token yet (queued or in prefill)
 	PendingTokens  float64 // their prompt tokens
 	PendingAge     float64 // how long our pending streams have waited so far, on average, in seconds
-	QueueWait      float64 // the engine's reported queue, drained at its recent completion rate, in seconds
+	QueueWait      float64 // the wait for a batch slot beyond the known capacity (observed or the engine's), at the recent completion rate, in seconds
 	Running        float64 // the decode batch
 	KV             float64 // the engine's KV cache use, 0..1; 0 when unknown
 	Beyond         float64 // how far Inflight+1 exceeds the largest batch seen running

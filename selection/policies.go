@@ -698,10 +698,11 @@ func answering(pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
 
 // The score tiers (seconds added to a predicted time, far above any):
 // a backend whose slot for the request is only assumed (no capacity known
-// for it, and beyond both the pool's known capacity and the batch it has
-// run plus one probe) ranks after every backend with a slot shown; one
-// whose batch is full (its known capacity reached) ranks after every
-// backend with a free slot, whatever their predicted times, so a
+// in the pool, and beyond the batch it has run plus one probe) ranks after
+// every backend with a slot shown; one whose batch is full (its known
+// capacity reached, or, its own unknown, the capacity another engine of
+// the pool showed) ranks after every backend with a free slot, whatever
+// their predicted times, so a
 // request never waits for a slot while another engine has one; a backend
 // predicted to miss the request's SLO ranks after every one predicted to
 // meet it; and for a request that waited in the admission queue, a full

@@ -586,50 +586,53 @@ func TestUnprovenRankedBySlotWait(t *testing.T) {
 // TestBeyondPoolCapacityWaitsAsFull: a backend whose own capacity is
 // unknown, beyond the batch of 4 another engine of the pool showed full,
 // is as full as that engine, not ahead of it: a stream goes to whichever
-// slot frees first, the fast engine's (3 ahead of a batch of 4 at 1 s a
-// request) before the slow one's (9 ahead at 3 s).
+// slot frees first, the engine's that showed its batch (3 ahead of a batch
+// of 4 at 1 s a request) before the other's (9 ahead), whether that other
+// is 3 times slower or as fast (then the guessed wait alone decides).
 func TestBeyondPoolCapacityWaitsAsFull(t *testing.T) {
-	p := newPredictive(2, true)
-	defer p.set.Release()
-	pool := testPool(t, 2)
-	now := time.Now()
-	f := func() *aibalance.Features {
-		return &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 200, OutputTokens: 100}
-	}
-	for i := 0; i < 40; i++ {
-		for j, slow := range []float64{1, 3} {
-			b := p.set.Get(pool[j].Dial)
-			as := []aibalance.Attempt{b.Begin(f(), p.pool.Prior(), now), b.Begin(f(), p.pool.Prior(), now)}
-			for k := range as {
-				as[k].FirstToken(now)
-			}
-			for _, a := range as {
-				a.End(aibalance.Outcome{Status: 200, Stream: true, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, p.app.Lambda(), p.pool.Prior(), now)
+	for _, slower := range []float64{3, 1} {
+		p := newPredictive(2, true)
+		pool := testPool(t, 2)
+		now := time.Now()
+		f := func() *aibalance.Features {
+			return &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 200, OutputTokens: 100}
+		}
+		for i := 0; i < 40; i++ {
+			for j, slow := range []float64{1, slower} {
+				b := p.set.Get(pool[j].Dial)
+				as := []aibalance.Attempt{b.Begin(f(), p.pool.Prior(), now), b.Begin(f(), p.pool.Prior(), now)}
+				for k := range as {
+					as[k].FirstToken(now)
+				}
+				for _, a := range as {
+					a.End(aibalance.Outcome{Status: 200, Stream: true, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, p.app.Lambda(), p.pool.Prior(), now)
+				}
 			}
 		}
-	}
-	p.clock = func() time.Time { return now }
-	fast, slow := p.set.Get(pool[0].Dial), p.set.Get(pool[1].Dial)
-	for i := 0; i < 2; i++ {
-		fast.SetEngine(aibalance.EngineMetrics{Waiting: 2, Running: 4, HasWaiting: true, HasRunning: true, At: now.Add(time.Duration(i-1) * time.Second)}, 5*time.Second)
-	}
-	if got := fast.Capacity(now); got != 4 {
-		t.Fatalf("capacity %d after two scrapes of a queue behind a batch of 4, want 4", got)
-	}
-	if slow.Capacity(now) != 0 {
-		t.Fatalf("the slow backend has a capacity before any was shown")
-	}
-	for k := 0; k < 2; k++ {
-		a := slow.Begin(f(), p.pool.Prior(), now)
-		a.FirstToken(now)
-	}
-	for k := 0; k < 10; k++ {
-		slow.Begin(f(), p.pool.Prior(), now)
-	}
-	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
-		strings.NewReader(`{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":true}`))
-	if u := p.Select(pool, r.WithContext(withVars(r)), nil); u != pool[0] {
-		t.Fatalf("with the fast engine's batch of 4 full and 2 waiting, and 12 streams on the slow one beyond that capacity, a stream went to %s, want the fast engine", u.Dial)
+		p.clock = func() time.Time { return now }
+		shown, other := p.set.Get(pool[0].Dial), p.set.Get(pool[1].Dial)
+		for i := 0; i < 2; i++ {
+			shown.SetEngine(aibalance.EngineMetrics{Waiting: 2, Running: 4, HasWaiting: true, HasRunning: true, At: now.Add(time.Duration(i-1) * time.Second)}, 5*time.Second)
+		}
+		if got := shown.Capacity(now); got != 4 {
+			t.Fatalf("capacity %d after two scrapes of a queue behind a batch of 4, want 4", got)
+		}
+		if other.Capacity(now) != 0 {
+			t.Fatalf("the other backend has a capacity before any was shown")
+		}
+		for k := 0; k < 2; k++ {
+			a := other.Begin(f(), p.pool.Prior(), now)
+			a.FirstToken(now)
+		}
+		for k := 0; k < 10; k++ {
+			other.Begin(f(), p.pool.Prior(), now)
+		}
+		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions",
+			strings.NewReader(`{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":true}`))
+		if u := p.Select(pool, r.WithContext(withVars(r)), nil); u != pool[0] {
+			t.Errorf("%gx slower: with the batch of 4 shown full and 2 waiting, and 12 streams on the other backend beyond that capacity, a stream went to %s, want the backend that showed its batch", slower, u.Dial)
+		}
+		p.set.Release()
 	}
 }
 
