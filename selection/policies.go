@@ -197,9 +197,9 @@ func (p *AIPredictiveSelection) Cleanup() error {
 // predicted to miss them, and among each, backends with a free batch slot
 // before full ones (a known capacity reached, the capacity another engine
 // of the pool showed exceeded by one whose own is unknown, or the engine
-// queueing on a full KV cache): the completion-time optimum alone parks requests in a
-// fast engine's queue while a slower one has a slot free, and the
-// first-token tail is those waits.
+// queueing on a full KV cache): the completion-time optimum alone parks
+// requests in a fast engine's queue while a slower one has a slot free,
+// and the first-token tail is those waits.
 func (p *AIPredictiveSelection) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
 	f := p.app.Features(r)
 	if !p.body.allow(r) {
@@ -702,11 +702,11 @@ func answering(pool reverseproxy.UpstreamPool) *reverseproxy.Upstream {
 // every backend with a slot shown; one whose batch is full (its known
 // capacity reached, or, its own unknown, the capacity another engine of
 // the pool showed) ranks after every backend with a free slot, whatever
-// their predicted times, so a
-// request never waits for a slot while another engine has one; a backend
-// predicted to miss the request's SLO ranks after every one predicted to
-// meet it; and for a request that waited in the admission queue, a full
-// backend ranks last of all (see late).
+// their predicted times, so a request never waits for a slot while
+// another engine has one; a backend predicted to miss the request's SLO
+// ranks after every one predicted to meet it; and for a request that
+// waited in the admission queue, a full backend ranks last of all (see
+// late).
 const (
 	unprovenPenalty  = 1e5
 	fullPenalty      = 1e6

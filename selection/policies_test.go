@@ -552,18 +552,7 @@ func TestUnprovenRankedBySlotWait(t *testing.T) {
 	f := func() *aibalance.Features {
 		return &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 200, OutputTokens: 100}
 	}
-	for i := 0; i < 40; i++ {
-		for j, slow := range []float64{1, 3} {
-			b := p.set.Get(pool[j].Dial)
-			as := []aibalance.Attempt{b.Begin(f(), p.pool.Prior(), now), b.Begin(f(), p.pool.Prior(), now)}
-			for k := range as {
-				as[k].FirstToken(now)
-			}
-			for _, a := range as {
-				a.End(aibalance.Outcome{Status: 200, Stream: true, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, p.app.Lambda(), p.pool.Prior(), now)
-			}
-		}
-	}
+	teachStreamsInPairs(p, pool, now, f, 1, 3)
 	p.clock = func() time.Time { return now }
 	load := func(b *aibalance.Backend, waiting int) {
 		for k := 0; k < 2; k++ {
@@ -597,18 +586,7 @@ func TestBeyondPoolCapacityWaitsAsFull(t *testing.T) {
 		f := func() *aibalance.Features {
 			return &aibalance.Features{API: aibalance.APIChat, Parsed: true, Stream: true, PromptTokens: 200, OutputTokens: 100}
 		}
-		for i := 0; i < 40; i++ {
-			for j, slow := range []float64{1, slower} {
-				b := p.set.Get(pool[j].Dial)
-				as := []aibalance.Attempt{b.Begin(f(), p.pool.Prior(), now), b.Begin(f(), p.pool.Prior(), now)}
-				for k := range as {
-					as[k].FirstToken(now)
-				}
-				for _, a := range as {
-					a.End(aibalance.Outcome{Status: 200, Stream: true, TTFT: time.Duration(slow * float64(50*time.Millisecond)), E2E: time.Duration(slow * float64(time.Second)), OutputTokens: 100}, p.app.Lambda(), p.pool.Prior(), now)
-				}
-			}
-		}
+		teachStreamsInPairs(p, pool, now, f, 1, slower)
 		p.clock = func() time.Time { return now }
 		shown, other := p.set.Get(pool[0].Dial), p.set.Get(pool[1].Dial)
 		for i := 0; i < 2; i++ {
@@ -667,6 +645,24 @@ func TestSLOHeadersRankFirst(t *testing.T) {
 	} {
 		if u := p.Select(pool, req(tc.header, tc.v), nil); u != tc.want {
 			t.Errorf("%s: %q: went to %s, want %s", tc.header, tc.v, u.Dial, tc.want.Dial)
+		}
+	}
+}
+
+// teachStreamsInPairs trains pool[j] on 40 rounds of two streams at once
+// (so it has shown a batch of 2), each taking slow[j] times 50 ms to its
+// first token and 1 s in all.
+func teachStreamsInPairs(p *AIPredictiveSelection, pool reverseproxy.UpstreamPool, now time.Time, f func() *aibalance.Features, slow ...float64) {
+	for i := 0; i < 40; i++ {
+		for j, x := range slow {
+			b := p.set.Get(pool[j].Dial)
+			as := []aibalance.Attempt{b.Begin(f(), p.pool.Prior(), now), b.Begin(f(), p.pool.Prior(), now)}
+			for k := range as {
+				as[k].FirstToken(now)
+			}
+			for _, a := range as {
+				a.End(aibalance.Outcome{Status: 200, Stream: true, TTFT: time.Duration(x * float64(50*time.Millisecond)), E2E: time.Duration(x * float64(time.Second)), OutputTokens: 100}, p.app.Lambda(), p.pool.Prior(), now)
+			}
 		}
 	}
 }
